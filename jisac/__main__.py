@@ -1,0 +1,3 @@
+from jisac.cli import main
+
+main()

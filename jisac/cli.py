@@ -1,0 +1,33 @@
+"""Command line: ``python -m jisac [key=value ...]`` (Hydra). Builds the config and calls the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import OmegaConf
+
+from jisac import config
+
+config.register()
+log = logging.getLogger("jisac")
+
+# The design keeps configuration in the top-level conf/ folder of the checkout (installed with `pip install -e .`).
+# An absolute path, because Hydra resolves relative paths as Python packages when run with `python -m`.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg) -> float:
+    try:
+        typed: config.JisacConfig = OmegaConf.to_object(cfg)
+        from jisac.demo import run_alignment_demo  # imports JAX only once the config is known
+
+        summary = run_alignment_demo(typed)
+    except (ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        print(f"jisac: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return summary["view_accuracy"]

@@ -1,0 +1,174 @@
+"""Polar geometry: the rings ISAC correlates on, resampling onto them, and their angular spectra.
+
+The layout is GPU ISAC's regular one (``shared/isac_algorithm.md`` §5.1, §13): rings of radius
+``first_ring, first_ring + ring_step, ..., last_ring`` (shrunken pixels), every ring sampled at ``n_angles`` (256)
+equally spaced angles, each ring weighted by its radius (the polar area element).
+
+Sample ``k`` of ring ``r`` around a centre ``c`` lies at ``c + r (cos t_k, sin t_k)`` with ``t_k = 2 pi k / n``,
+x = column, y = row. With this choice rotating an image by ``a`` (``transforms`` convention) shifts its rings by
+``+a``; ``align.py`` derives its parameters from that (the round-trip tests pin it).
+
+Angular band limit: a ring of radius r sampled from a pixel image carries angular frequencies only up to about
+``pi r`` (0.5 cycles/pixel along a circumference of ``2 pi r`` pixels). SPHIRE's per-ring lengths exploit this;
+jisac keeps one ring length but, with ``bandlimit=True``, zeroes each ring's spectrum above
+``ceil(pi r) + 1`` and never computes the empty part (``align.py``'s frequency blocks).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jisac.transforms import bilinear_sample
+
+Array = jax.Array
+
+
+class RingGeometry(NamedTuple):
+    """Static description of the polar rings (hashable: used as a static jit argument).
+
+    Attributes:
+        first_ring: radius of the innermost ring, pixels (SPHIRE ``--ir``, default 1).
+        last_ring: radius of the outermost ring, pixels (SPHIRE ``ou`` = ``target_radius``, default 29).
+        ring_step: radius step, pixels (SPHIRE ``--rs``, default 1).
+        n_angles: samples per ring (GPU ISAC's 256).
+        bandlimit: drop angular frequencies above ``ceil(pi r) + 1`` on ring ``r``.
+    """
+
+    first_ring: int = 1
+    last_ring: int = 29
+    ring_step: int = 1
+    n_angles: int = 256
+    bandlimit: bool = True
+
+    @property
+    def radii(self) -> np.ndarray:
+        return np.arange(self.first_ring, self.last_ring + 1, self.ring_step, dtype=np.int64)
+
+    @property
+    def n_rings(self) -> int:
+        return len(self.radii)
+
+    @property
+    def n_freqs(self) -> int:
+        return self.n_angles // 2 + 1
+
+    def max_freq(self) -> np.ndarray:
+        """Highest angular frequency kept on each ring, shape ``(n_rings,)``."""
+        full = np.full(self.n_rings, self.n_freqs - 1, np.int64)
+        if not self.bandlimit:
+            return full
+        return np.minimum(full, np.ceil(np.pi * self.radii).astype(np.int64) + 1)
+
+    def freq_mask(self) -> np.ndarray:
+        """``(n_rings, n_freqs)`` bool: which (ring, angular frequency) coefficients are kept."""
+        return np.arange(self.n_freqs)[None, :] <= self.max_freq()[:, None]
+
+    def weights(self) -> np.ndarray:
+        """Per-ring weights ``r / (n_angles * sum r)``, float64, shape ``(n_rings,)``.
+
+        The weight is GPU ISAC's ``r`` (SPHIRE's ``ringwe`` up to a constant), normalised so that a score is the
+        weighted mean over all ring samples of reference x particle: ring-normalised images score 1 against
+        themselves.
+        """
+        r = self.radii.astype(np.float64)
+        return r / (self.n_angles * r.sum())
+
+    def offsets(self) -> np.ndarray:
+        """``(n_rings, n_angles, 2)`` float64 sample positions ``(x, y)`` relative to the ring centre."""
+        t = 2 * np.pi * np.arange(self.n_angles) / self.n_angles
+        r = self.radii[:, None].astype(np.float64)
+        return np.stack([r * np.cos(t), r * np.sin(t)], -1)
+
+    def validate(self, box_size: int | None = None) -> None:
+        """Raises ``ValueError`` naming the parameter when the geometry is impossible."""
+        if self.first_ring < 1:
+            raise ValueError(f"first_ring must be >= 1 (got {self.first_ring})")
+        if self.ring_step < 1:
+            raise ValueError(f"ring_step must be >= 1 (got {self.ring_step})")
+        if self.last_ring < self.first_ring:
+            raise ValueError(f"last_ring ({self.last_ring}) must be >= first_ring ({self.first_ring})")
+        if self.n_angles < 8 or self.n_angles % 2:
+            raise ValueError(f"n_angles must be an even number >= 8 (got {self.n_angles})")
+        if box_size is not None and self.last_ring > box_size // 2 - 1:
+            raise ValueError(
+                f"last_ring ({self.last_ring}) does not fit in a {box_size} px box: it must be <= {box_size // 2 - 1}"
+            )
+
+
+def sample_rings(image: Array, centres: Array, geometry: RingGeometry) -> Array:
+    """Bilinear polar resampling of one image around several centres.
+
+    Args:
+        image: ``(ny, nx)`` image.
+        centres: ``(..., 2)`` ring centres ``(x, y)`` in pixels relative to the box centre ``(nx//2, ny//2)``;
+            any float values (integer and sub-pixel shifts alike).
+        geometry: the rings.
+
+    Returns:
+        ``(..., n_rings, n_angles)`` ring samples (zero where a ring leaves the image).
+    """
+    ny, nx = image.shape
+    off = jnp.asarray(geometry.offsets(), jnp.float32)
+    cx = centres[..., 0, None, None] + nx // 2
+    cy = centres[..., 1, None, None] + ny // 2
+    return bilinear_sample(image, cx + off[..., 0], cy + off[..., 1])
+
+
+def normalize_rings(rings: Array, geometry: RingGeometry) -> Array:
+    """Ring normalisation (``isac_algorithm.md`` §5.3): zero weighted mean and unit weighted std.
+
+    Weights are proportional to the radius (the polar area element). Shape ``(..., n_rings, n_angles)``.
+    """
+    w = jnp.asarray(geometry.weights(), jnp.float32)[:, None]
+    mean = jnp.sum(rings * w, axis=(-2, -1), keepdims=True)
+    var = jnp.sum(jnp.square(rings - mean) * w, axis=(-2, -1), keepdims=True)
+    return (rings - mean) * jax.lax.rsqrt(jnp.maximum(var, 1e-30))
+
+
+def ring_spectra(rings: Array, geometry: RingGeometry, normalize: bool = False) -> Array:
+    """Angular spectra of rings: ``rfft`` along the angle, band-limited per ring.
+
+    Args:
+        rings: ``(..., n_rings, n_angles)`` float.
+        geometry: the rings.
+        normalize: apply ring normalisation (``normalize_rings``) first. It is done on the spectra (mean from
+            the DC terms, variance by Parseval), which equals normalising the samples but lets XLA keep the
+            resampling gather out of the reductions.
+
+    Returns:
+        ``(..., n_rings, n_freqs)`` complex64.
+    """
+    spectra = jnp.fft.rfft(rings, axis=-1)
+    if normalize:
+        n = geometry.n_angles
+        w = jnp.asarray(geometry.weights(), jnp.float32)
+        mean = jnp.sum(w * spectra[..., 0].real, -1)
+        # Parseval: sum_j x_j^2 = (|F_0|^2 + |F_{n/2}|^2 + 2 sum_{0<k<n/2} |F_k|^2) / n
+        power = jnp.square(jnp.abs(spectra))
+        ring_sq = (2 * power.sum(-1) - power[..., 0] - power[..., -1]) / n
+        var = jnp.sum(w * ring_sq, -1) - jnp.square(mean)  # weights sum to 1/n per sample: sum_r w_r n = 1
+        spectra = spectra.at[..., 0].add(-(mean * n)[..., None])
+        spectra = spectra * jax.lax.rsqrt(jnp.maximum(var, 1e-30))[..., None, None]
+    if geometry.bandlimit:
+        spectra = jnp.where(jnp.asarray(geometry.freq_mask()), spectra, 0)
+    return spectra
+
+
+def polar_transform(images: Array, centres: Array, geometry: RingGeometry, normalize: bool = False) -> Array:
+    """Rings of a batch of images, each around its own set of centres.
+
+    Args:
+        images: ``(n, ny, nx)``.
+        centres: ``(n, s, 2)`` (x, y) centres relative to the box centre, pixels.
+        geometry: the rings.
+        normalize: apply ring normalisation to each (image, centre).
+
+    Returns:
+        ``(n, s, n_rings, n_angles)`` float32.
+    """
+    rings = jax.vmap(lambda img, c: sample_rings(img, c, geometry))(images, centres)
+    return normalize_rings(rings, geometry) if normalize else rings

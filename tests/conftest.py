@@ -1,0 +1,26 @@
+"""Shared fixtures: small synthetic data made once per session (tests make their own data)."""
+
+import numpy as np
+import pytest
+
+from jisac import filters, synthetic
+
+
+@pytest.fixture(scope="session")
+def phantom():
+    return synthetic.make_phantom(radius=25.0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def projections50(phantom):
+    """50 distinct views (Fibonacci hemisphere) of the phantom in a 76 px box, float32 ``(50, 76, 76)``,
+    normalised inside ISAC's particle radius (29 px) as ISAC's working stack is."""
+    rot, tilt = synthetic.hemisphere_directions(50)
+    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0.0), 76)
+    return np.asarray(filters.normalize_in_mask(views, filters.circular_mask(76, 76, 29)))
+
+
+@pytest.fixture(scope="session")
+def structured_image(projections50):
+    """One asymmetric, structured 76 px image (a projection of the phantom)."""
+    return projections50[7]

@@ -1,0 +1,77 @@
+"""Ring geometry, resampling direction, Fourier-domain normalisation and the angular band limit."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jisac import polar
+from jisac import transforms as T
+from tests import reference_numpy as ref
+
+GEOM = polar.RingGeometry()
+
+
+def test_default_geometry_is_isacs():
+    assert GEOM.n_rings == 29 and GEOM.radii[0] == 1 and GEOM.radii[-1] == 29
+    assert GEOM.n_angles == 256 and GEOM.n_freqs == 129
+    assert GEOM.weights().sum() * GEOM.n_angles == pytest.approx(1.0)
+    np.testing.assert_allclose(GEOM.weights() / GEOM.weights()[0], GEOM.radii)  # weight proportional to r
+    assert polar.RingGeometry(first_ring=2, last_ring=10, ring_step=4).radii.tolist() == [2, 6, 10]
+
+
+def test_band_limit_keeps_about_pi_r_frequencies():
+    kept = GEOM.freq_mask().sum()
+    assert GEOM.max_freq()[0] == 5 and GEOM.max_freq()[-1] == 93  # ceil(pi r) + 1
+    assert GEOM.freq_mask().size / kept > 2.5  # the skipped part of the (ring, frequency) plane
+    assert polar.RingGeometry(bandlimit=False).freq_mask().all()
+
+
+def test_sample_rings_matches_reference(structured_image):
+    centres = jnp.asarray([[0.0, 0.0], [1.25, -0.5], [-2.0, 3.0]])
+    got = np.asarray(polar.sample_rings(jnp.asarray(structured_image), centres, GEOM))
+    px, py = ref.ring_points(GEOM.radii, GEOM.n_angles)
+    for c, rings in zip(np.asarray(centres), got):
+        want = ref.bilinear(structured_image.astype(np.float64), px + c[0] + 38, py + c[1] + 38)
+        np.testing.assert_allclose(rings, want, atol=1e-4)
+
+
+def test_rotating_the_image_shifts_the_rings_forward(structured_image):
+    """Rotating by a = s steps (transforms convention) advances the rings: rings(rotated)[j] = rings[j + s]."""
+    step = 360.0 / GEOM.n_angles
+    shift = 20
+    rotated = T.apply_transform(jnp.asarray(structured_image), T.make_transform(shift * step))
+    zero = jnp.zeros((1, 2))
+    before = np.asarray(polar.sample_rings(jnp.asarray(structured_image), zero, GEOM))[0]
+    after = np.asarray(polar.sample_rings(rotated, zero, GEOM))[0]
+    scale = np.abs(before).max()
+    outer = slice(10, None)  # inner rings are dominated by interpolation
+    assert np.abs(after - np.roll(before, -shift, axis=1))[outer].max() < 0.05 * scale
+    assert np.abs(after - np.roll(before, shift, axis=1))[outer].max() > 0.2 * scale  # the wrong way fails
+
+
+def test_fourier_normalisation_equals_sample_normalisation(structured_image):
+    rng = np.random.default_rng(0)
+    rings = jnp.asarray(rng.standard_normal((3, GEOM.n_rings, GEOM.n_angles)) * 3 + 2, jnp.float32)
+    full = GEOM._replace(bandlimit=False)
+    got = np.asarray(polar.ring_spectra(rings, full, normalize=True))
+    want = np.fft.rfft(ref.normalize(np.asarray(rings, np.float64), full.weights()), axis=-1)
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max())
+    limited = np.asarray(polar.ring_spectra(rings, GEOM, normalize=True))
+    assert np.all(limited[~GEOM.freq_mask()[None].repeat(3, 0)] == 0)
+
+
+def test_band_limit_loses_little_of_a_real_image(structured_image):
+    rings = polar.sample_rings(jnp.asarray(structured_image), jnp.zeros((1, 2)), GEOM)[0]
+    spec = np.abs(np.fft.rfft(np.asarray(rings, np.float64) - np.asarray(rings).mean(), axis=-1)) ** 2
+    lost = spec[~GEOM.freq_mask()].sum() / spec.sum()
+    assert lost < 1e-3
+
+
+def test_geometry_validation_names_the_parameter():
+    with pytest.raises(ValueError, match="first_ring"):
+        polar.RingGeometry(first_ring=0).validate()
+    with pytest.raises(ValueError, match="last_ring"):
+        polar.RingGeometry(last_ring=40).validate(box_size=76)
+    with pytest.raises(ValueError, match="n_angles"):
+        polar.RingGeometry(n_angles=255).validate()
+    polar.RingGeometry().validate(box_size=76)
