@@ -23,7 +23,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def main(cfg) -> float:
     try:
         typed: config.JisacConfig = OmegaConf.to_object(cfg)
-        from jisac.demo import run_alignment_demo  # imports JAX only once the config is known
+        from jisac import devices
+
+        devices.use_all_cpu_cores()  # before any JAX computation
+        from jisac.demo import run_alignment_demo
 
         summary = run_alignment_demo(typed)
     except (ValueError, FileNotFoundError) as err:

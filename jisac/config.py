@@ -34,8 +34,8 @@ class AlignConfig:
     ring_step: int = 1  # SPHIRE --rs
     n_angles: int = 256  # samples per ring (GPU ISAC)
     bandlimit: bool = True  # skip angular frequencies above ceil(pi r) + 1 on ring r
-    particle_batch: int = 16  # particles per inner step inside one jitted call
-    reference_chunk: int = 64  # references per inner step
+    particle_batch: int = 4  # particles per inner step inside one jitted call
+    reference_chunk: int = 50  # references per inner step
     particle_chunk: int = 512  # particles per jitted call (host side)
     memory_budget_mb: int = 1024  # caps particle_batch x reference_chunk intermediates
 

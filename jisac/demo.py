@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, average, config, filters, synthetic
+from jisac import align, average, config, devices, filters, synthetic
 from jisac import transforms as T
 from jisac.io.atomic import write_json
 from jisac.io.mrc import write_stack
@@ -74,8 +74,10 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
     def progress(done, total):
         log.info("aligned %d/%d particles to %d views (%.1f s)", done, total, demo.n_views, time.perf_counter() - t1)
 
+    mesh = devices.data_mesh()
+    log.info("aligning on %d %s device(s)", mesh.size, jax.devices()[0].platform)
     result = align.align_to_references(
-        particles, bank, options, particle_chunk=cfg.align.particle_chunk, progress=progress
+        particles, bank, options, particle_chunk=cfg.align.particle_chunk, progress=progress, mesh=mesh
     )
     result = jax.block_until_ready(result)
     t_align = time.perf_counter() - t1

@@ -1,7 +1,12 @@
 """Shared fixtures: small synthetic data made once per session (tests make their own data)."""
 
+import jax
 import numpy as np
 import pytest
+
+# Two CPU devices for the whole session (must precede any JAX computation): single-device code runs on the
+# first, sharded code on both (see jax_notes.md: the device count is fixed once the backend starts).
+jax.config.update("jax_num_cpu_devices", 2)
 
 from jisac import filters, synthetic
 

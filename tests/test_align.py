@@ -180,3 +180,17 @@ def test_search_grid_matches_sphire_layout():
     assert align.SearchGrid(2.0, 1.0, 0.5).n_shifts == 9 * 5
     with pytest.raises(ValueError, match="ts"):
         align.SearchGrid(1.0, 1.0, 0.0).validate()
+
+
+def test_sharded_over_devices_equals_single_device(projections50):
+    assert len(jax.devices()) >= 2, "conftest asks for 2 CPU devices"
+    mesh = jax.make_mesh((2,), ("data",))
+    parts = synthetic.add_noise(projections50[3:22], 0.3, jax.random.key(7), mask=MASK)  # 19: uneven, padded
+    bank = align.prepare_references(jnp.asarray(projections50[:20]), DEFAULT)
+    one = align.alignment_table(parts, bank, DEFAULT, particle_chunk=16)
+    two = align.alignment_table(parts, bank, DEFAULT, particle_chunk=16, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(two.score), np.asarray(one.score))
+    for a, b in zip(two.params, one.params):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    best = align.align_to_references(parts, bank, DEFAULT, particle_chunk=16, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(best.reference), np.argmax(np.asarray(one.score), 1))
