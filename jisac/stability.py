@@ -1,0 +1,179 @@
+"""ISAC2's stability test of one class: do ``L`` independent alignments of its members agree?
+(``shared/isac_algorithm.md`` §9, SPHIRE ``multi_align_stability``.)
+
+Input: the ``L`` parameter sets of the ``n`` members of a class (``Transform2D`` with fields ``(L, n)``), each from
+a reference-free alignment with a random start, so each run is in its own arbitrary frame. Run ``L - 1`` is the
+reference frame; run ``j`` is brought into it by a global correction ``G_j = (g_j, tx_j, ty_j)`` composed after
+each member's parameters (``transforms.compose(P_ij, G_j)``; the formulas need not know whether ``G_j`` also
+mirrors). A member's pixel error is the spread of its ``L`` corrected parameters, in pixels::
+
+    e_i^2 = r^2 (1 - |sum_j exp(i theta_ij)| / L) + Var_j(X_ij) + Var_j(Y_ij),      r = d / 2 (particle radius)
+
+(the first term is r^2 times one minus the mean resultant length, ~ r^2 sigma_theta^2 / 2 for small spreads).
+
+Steps: (1) mirror stability: the members whose mirror flags agree across runs up to one relabelling per run
+(all 2^(L-1) relabellings tried); (2) initial corrections from circular/arithmetic means; (3) members with an
+initial error above 3 thresholds are pruned; (4) the 3 (L-1) corrections are refined by L-BFGS (optax) to
+minimise the mean squared error of the kept members; (5) members with error below ``threshold`` are stable and
+get averaged parameters (mean direction, mean shift, run L-1's mirror).
+
+Everything is a pure function of arrays with a member mask, so classes of different sizes are padded to one
+shape and the test is ``vmap``-ed over classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jisac.transforms import Transform2D, wrap_angle
+
+Array = jax.Array
+
+
+class StabilityResult(NamedTuple):
+    """Outcome of the test for one class (fields ``(n,)`` unless noted).
+
+    Attributes:
+        stable: bool, the member is stable (error below the threshold).
+        error: pixel error with the optimised corrections (inf for members outside the mirror-stable set).
+        params: averaged parameters in run ``L - 1``'s frame (meaningful where ``stable``).
+        mirror_rate: scalar, fraction of members in the mirror-stable set.
+        error_before_pruning: scalar, RMS error over the mirror-stable set with the initial corrections
+            (SPHIRE's "average pixel error prior to class pruning").
+        corrections: ``(3, L)`` optimised ``(g [deg], tx, ty)`` per run (zeros for run ``L - 1``).
+    """
+
+    stable: Array
+    error: Array
+    params: Transform2D
+    mirror_rate: Array
+    error_before_pruning: Array
+    corrections: Array
+
+
+def _corrected(runs: Transform2D, corr: Array):
+    """theta (rad), X, Y of every (run, member) after the corrections ``corr`` = (g rad, tx, ty), each ``(L,)``."""
+    g, tx, ty = corr[0][:, None], corr[1][:, None], corr[2][:, None]
+    a = jnp.deg2rad(runs.angle)
+    m = runs.mirror
+    x, y = runs.shift_x, runs.shift_y
+    c, s = jnp.cos(g), jnp.sin(g)
+    theta = jnp.where(m, a - g, a + g)
+    big_x = jnp.where(m, -tx + x * c - y * s, tx + x * c + y * s)
+    big_y = jnp.where(m, ty + x * s + y * c, ty - x * s + y * c)
+    return theta, big_x, big_y
+
+
+def squared_pixel_error(runs: Transform2D, corr: Array, radius: float) -> Array:
+    """``(n,)`` squared pixel errors for corrections ``corr`` (``(3, L)``: g in radians, tx, ty)."""
+    theta, big_x, big_y = _corrected(runs, corr)
+    resultant = jnp.abs(jnp.mean(jnp.exp(1j * theta), axis=0))
+    e2 = radius**2 * (1.0 - resultant) + jnp.var(big_x, axis=0) + jnp.var(big_y, axis=0)
+    return jnp.maximum(e2, 0.0)
+
+
+def _relabellings(n_runs: int) -> np.ndarray:
+    """``(2^(L-1), L)`` bool: every way to flip the mirror labels of runs 0..L-2 (run L-1 fixed)."""
+    flips = np.array(list(itertools.product([False, True], repeat=n_runs - 1)), bool).reshape(-1, n_runs - 1)
+    return np.concatenate([flips, np.zeros((len(flips), 1), bool)], 1)
+
+
+def _initial_corrections(runs: Transform2D, weight: Array) -> Array:
+    """Corrections from means over the weighted members (SPHIRE ``align_diff_params``): ``(3, L)``."""
+    a = jnp.deg2rad(runs.angle)
+    m = runs.mirror
+    ref_a = a[-1]
+    diff = jnp.where(m, a - ref_a, ref_a - a)  # (L, n): g that maps run j's angle onto run L-1's
+    g = jnp.angle(jnp.sum(weight * jnp.exp(1j * diff), axis=1))
+    c, s = jnp.cos(g)[:, None], jnp.sin(g)[:, None]
+    x, y = runs.shift_x, runs.shift_y
+    ux, uy = x[-1], y[-1]
+    # m = 0: (X, Y) = t + R(g) s  ->  t = u - R(g) s;   m = 1: X = -tx + (R(-g) s)_x, Y = ty + (R(-g) s)_y
+    tx_i = jnp.where(m, x * c - y * s - ux, ux - (x * c + y * s))
+    ty_i = jnp.where(m, uy - (x * s + y * c), uy - (-x * s + y * c))
+    total = jnp.maximum(weight.sum(), 1.0)
+    tx = jnp.sum(weight * tx_i, axis=1) / total
+    ty = jnp.sum(weight * ty_i, axis=1) / total
+    corr = jnp.stack([g, tx, ty])
+    return corr.at[:, -1].set(0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter",))
+def pixel_error_stability(
+    runs: Transform2D, member: Array, threshold: float, radius: float, max_iter: int = 50
+) -> StabilityResult:
+    """The stability test of one class.
+
+    Args:
+        runs: parameters from ``L`` independent alignments, fields ``(L, n)`` (angles in degrees, pixels).
+        member: ``(n,)`` bool, True for real members (False for padding).
+        threshold: pixel-error threshold for "stable", pixels (ISAC ``thld_err``, default 0.7).
+        radius: particle radius ``d / 2`` in pixels (ISAC: ``target_radius``, 29).
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        ``StabilityResult``.
+    """
+    n_runs = runs.angle.shape[0]
+    flips = jnp.asarray(_relabellings(n_runs))  # (F, L)
+    relabelled = runs.mirror[None] ^ flips[:, :, None]  # (F, L, n)
+    agree = jnp.all(relabelled == relabelled[:, -1:], axis=1) & member[None]  # (F, n)
+    best = jnp.argmax(agree.sum(1))
+    mirror_stable = agree[best]
+    n_members = jnp.maximum(member.sum(), 1)
+    mirror_rate = mirror_stable.sum() / n_members
+
+    weight = mirror_stable.astype(jnp.float32)
+    corr0 = _initial_corrections(runs, weight)
+    e2_0 = squared_pixel_error(runs, corr0, radius)
+    error_before = jnp.sqrt(jnp.sum(weight * e2_0) / jnp.maximum(weight.sum(), 1.0))
+    kept = mirror_stable & (e2_0 <= (3.0 * threshold) ** 2)
+    kept_w = kept.astype(jnp.float32)
+
+    def loss(free):  # free: (3, L-1); run L-1 stays the reference frame
+        corr = jnp.concatenate([free, jnp.zeros((3, 1), free.dtype)], 1)
+        e2 = squared_pixel_error(runs, corr, radius)
+        return jnp.sum(kept_w * e2) / jnp.maximum(kept_w.sum(), 1.0)
+
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+        free, state = carry
+        value, grad = value_and_grad(free, state=state)
+        updates, state = opt.update(grad, state, free, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(free, updates), state), None
+
+    free0 = corr0[:, :-1]
+    (free, _), _ = jax.lax.scan(step, (free0, opt.init(free0)), None, length=max_iter)
+    free = jnp.where(jnp.isfinite(free), free, free0)
+    corr = jnp.concatenate([free, jnp.zeros((3, 1), free.dtype)], 1)
+
+    e2 = squared_pixel_error(runs, corr, radius)
+    error = jnp.where(mirror_stable, jnp.sqrt(e2), jnp.inf)
+    stable = kept & (error < threshold) & (kept.sum() > 1)
+    theta, big_x, big_y = _corrected(runs, corr)
+    mean_dir = jnp.angle(jnp.mean(jnp.exp(1j * theta), axis=0))
+    averaged = Transform2D(
+        angle=wrap_angle(jnp.rad2deg(mean_dir)),
+        shift_x=big_x.mean(0),
+        shift_y=big_y.mean(0),
+        mirror=runs.mirror[-1],
+    )
+    corrections = corr.at[0].set(jnp.rad2deg(corr[0]))
+    return StabilityResult(stable, error, averaged, mirror_rate, error_before, corrections)
+
+
+def pixel_error_stability_classes(
+    runs: Transform2D, member: Array, threshold: float, radius: float, max_iter: int = 50
+) -> StabilityResult:
+    """``pixel_error_stability`` for many classes at once: fields ``(c, L, n)``, ``member`` ``(c, n)``."""
+    fn = jax.vmap(lambda r, m: pixel_error_stability(r, m, threshold, radius, max_iter))
+    return fn(runs, member)
