@@ -321,22 +321,23 @@ def _best_chunk(images, centres, bank, options):
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded(fn, mesh, options: AlignOptions):
-    """``fn`` with particles split over the mesh's one axis and the reference bank replicated."""
+def _sharded(fn, mesh, options: AlignOptions, n_split: int = 2):
+    """``fn`` with its first ``n_split`` (per-particle) arguments split over the mesh's one axis and the last
+    (the reference bank) replicated."""
     spec = jax.sharding.PartitionSpec(mesh.axis_names[0])
     rep = jax.sharding.PartitionSpec()
     return jax.jit(
         jax.shard_map(
-            functools.partial(fn, options=options), mesh=mesh, in_specs=(spec, spec, rep), out_specs=spec
+            functools.partial(fn, options=options), mesh=mesh, in_specs=(spec,) * n_split + (rep,), out_specs=spec
         )
     )
 
 
-def _iterate_chunks(fn, images, params, bank, options: AlignOptions, particle_chunk: int, progress, mesh):
+def _iterate_chunks(fn, images, params, bank, options: AlignOptions, particle_chunk: int, progress, mesh, labels=None):
     """Host loop over fixed-size particle chunks (the last one padded), returning the concatenated outputs.
 
-    With a mesh, each chunk is split evenly over its devices (one shard per device) and the bank is
-    replicated; results are identical to the single-device run.
+    ``fn(images, centres, [labels,] bank, options)``. With a mesh, each chunk is split evenly over its devices
+    (one shard per device) and the bank is replicated; results are identical to the single-device run.
     """
     n = images.shape[0]
     n_dev = 1 if mesh is None else mesh.size
@@ -348,23 +349,23 @@ def _iterate_chunks(fn, images, params, bank, options: AlignOptions, particle_ch
         cx, cy = (np.broadcast_to(np.asarray(c, np.float32), (n,)) for c in particle_centre(params))
         centres = np.stack([cx, cy], -1)
     if mesh is None:
-        call = lambda i, c: fn(jnp.asarray(i), jnp.asarray(c), bank, options)  # noqa: E731
+        call = lambda *per_particle: fn(*map(jnp.asarray, per_particle), bank, options)  # noqa: E731
     else:
-        sharded = _sharded(fn, mesh, options)
+        sharded = _sharded(fn, mesh, options, 2 if labels is None else 3)
         split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
         bank_rep = jax.device_put(bank, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        call = lambda i, c: sharded(jax.device_put(i, split), jax.device_put(c, split), bank_rep)  # noqa: E731
+        call = lambda *per_particle: sharded(*(jax.device_put(a, split) for a in per_particle), bank_rep)  # noqa: E731
     outs = []
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        imgs = np.asarray(images[start:stop], np.float32)
-        cen = centres[start:stop]
+        per_particle = [np.asarray(images[start:stop], np.float32), centres[start:stop]]
+        if labels is not None:
+            per_particle.append(np.asarray(labels[start:stop], np.int32))
         if stop - start < chunk:
             # Pad to the static chunk shape so there is one compilation whatever n is.
             pad = chunk - (stop - start)
-            imgs = np.concatenate([imgs, np.zeros((pad,) + imgs.shape[1:], np.float32)])
-            cen = np.concatenate([cen, np.zeros((pad, 2), np.float32)])
-        out = call(imgs, cen)
+            per_particle = [np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in per_particle]
+        out = call(*per_particle)
         outs.append(jax.tree.map(lambda a, m=stop - start: np.asarray(a)[:m], out))
         if progress is not None:
             progress(stop, n)
@@ -419,6 +420,59 @@ def alignment_table(
     params_, score = _iterate_chunks(_table_chunk, images, params, bank, options, particle_chunk, progress, mesh)
     k = int(np.asarray(bank.valid).sum()) if n_references is None else n_references
     return AlignmentTable(jax.tree.map(lambda a: a[:, :k], params_), score[:, :k])
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def prepare_assigned_references(references: Array, options: AlignOptions) -> Array:
+    """``(k, ny, nx)`` references -> ``(k, n_mirror, n_rings, n_freqs)`` complex spectra for ``align_to_assigned``."""
+    return _reference_spectra(references, options)
+
+
+def _paired_batch(images: Array, centres: Array, labels: Array, spectra: Array, options: AlignOptions):
+    spec = _particle_spectra(images, centres, options).transpose(1, 2, 3, 0)  # (b, s, R, F)
+    refs = spectra[labels]  # (b, nm, R, F)
+    prod = jnp.einsum("bsrf,bmrf->bsmf", spec, refs, precision=jax.lax.Precision.HIGHEST)
+    corr = jnp.fft.irfft(prod, n=options.geometry.n_angles, axis=-1)  # (b, s, nm, A)
+    offsets = jnp.asarray(options.grid.offsets(), jnp.float32)
+    params, score = _best_per_reference(corr, offsets, centres, jnp.ones((1,), bool), options)
+    return jax.tree.map(lambda a: a[:, 0], params), score[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _paired_chunk(images, centres, labels, spectra, options):
+    n, batch = images.shape[0], options.particle_batch
+    out = jax.lax.map(
+        lambda args: _paired_batch(*args, spectra, options),
+        (
+            images.reshape(n // batch, batch, *images.shape[1:]),
+            centres.reshape(n // batch, batch, 2),
+            labels.reshape(n // batch, batch),
+        ),
+    )
+    return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+
+
+def align_to_assigned(
+    images,
+    spectra: Array,
+    labels,
+    options: AlignOptions = AlignOptions(),
+    params: Transform2D | None = None,
+    particle_chunk: int = 512,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[Transform2D, Array]:
+    """Aligns each particle to one given reference (its class average): ISAC's within-group alignment step.
+
+    Args:
+        images: ``(n, ny, nx)`` particles.
+        spectra: ``prepare_assigned_references(averages, options)``.
+        labels: ``(n,)`` index of each particle's reference.
+        options, params, particle_chunk, mesh: as ``align_to_references``.
+
+    Returns:
+        ``(params, score)`` with fields of shape ``(n,)``.
+    """
+    return _iterate_chunks(_paired_chunk, images, params, spectra, options, particle_chunk, None, mesh, labels)
 
 
 def chunk_sizes_for_budget(
