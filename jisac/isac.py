@@ -1,0 +1,363 @@
+"""The ISAC2 generation loop (``shared/isac_algorithm.md`` §8-§10), on a preprocessed working stack.
+
+A *generation* runs SAC rounds on the working set: multi-reference alignment + equal-size assignment +
+filtered, centred averages (``n_filter_steps`` times, cutoff rising from ``fl`` to ``fh``), the averages put in a
+common frame, then a within-group round: every class aligned reference-free ``stab_ali`` times from independent
+random starts and tested for stability. Classes whose stable members number more than ``minimum_grp_size`` are
+accepted; their stable members are *accounted*. The rest go back to the pool for the next generation. The run
+stops when generation 1 accepts nothing or the pool is too small for two classes (§10).
+
+This module is the thin Python loop around the jitted library functions; randomness comes from one
+``jax.random`` key per generation (split per round and per stability run), so the same seed gives the same
+result on any number of devices.
+
+Intended behaviour where SPHIRE has a quirk (``isac_algorithm.md`` §14): five filter steps per round from
+0.20 to 0.40 (SPHIRE runs six because of float accumulation); initial references drawn from the run's key, not
+a fixed seed 9023.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jisac import align, average, filters, stability, within_group
+from jisac.eqkmeans import assign_equal_size
+from jisac.transforms import Transform2D, apply_transform, compose, identity, make_transform, particle_centre
+
+log = logging.getLogger("jisac")
+
+
+class IsacParams(NamedTuple):
+    """Frozen ISAC parameters (SPHIRE names and defaults, ``isac_algorithm.md`` §1). Lengths in working pixels."""
+
+    img_per_grp: int = 200
+    minimum_grp_size: int = 60
+    target_radius: int = 29
+    target_nx: int = 76
+    xr: float = 1.0
+    yr: float = 1.0
+    ts: float = 1.0
+    maxit: int = 30
+    dst: float = 90.0
+    fl: float = 0.2
+    fh: float = 0.45
+    ff: float = 0.2
+    init_iter: int = 7
+    iter_reali: int = 1
+    stab_ali: int = 5
+    thld_err: float = 0.7
+    first_ring: int = 1
+    ring_step: int = 1
+    filter_step: float = 0.05  # cutoff increment between MRA iterations (SPHIRE constant)
+    main_iter_limit: int = -1  # stop after this many generations (-1: until the pool is exhausted)
+
+    @property
+    def n_filter_steps(self) -> int:
+        """MRA iterations per SAC round: cutoffs fl, fl + step, ... below fh (five with the defaults)."""
+        return max(1, math.ceil((self.fh - self.fl) / self.filter_step - 1e-6))
+
+    @property
+    def max_centre(self) -> float:
+        """Largest allowed centre offset, ``cnx - ou - 2`` (SPHIRE's ``mashi``; 8 for 76/29)."""
+        return float(self.target_nx // 2 + 1 - self.target_radius - 2)
+
+    def validate(self, n_particles: int | None = None) -> None:
+        """Raises ``ValueError`` naming the parameter, before any heavy work."""
+        if self.img_per_grp < 2:
+            raise ValueError(f"isac.img_per_grp must be >= 2 (got {self.img_per_grp})")
+        if self.minimum_grp_size > self.img_per_grp:
+            raise ValueError(
+                f"isac.minimum_grp_size ({self.minimum_grp_size}) > isac.img_per_grp ({self.img_per_grp}): "
+                "a class could never be accepted; lower minimum_grp_size"
+            )
+        if self.stab_ali < 2:
+            raise ValueError(f"isac.stab_ali must be >= 2 for a stability test (got {self.stab_ali})")
+        if self.thld_err <= 0:
+            raise ValueError(f"isac.thld_err must be > 0 (got {self.thld_err})")
+        if self.init_iter < 1 or self.iter_reali < 1 or self.maxit < 2:
+            raise ValueError("isac.init_iter and isac.iter_reali must be >= 1 and isac.maxit >= 2")
+        if not 0 < self.fl <= self.fh <= 0.5 or self.ff <= 0:
+            raise ValueError(f"need 0 < isac.fl <= isac.fh <= 0.5 and isac.ff > 0 (got {self.fl}, {self.fh}, {self.ff})")
+        if self.target_radius + max(self.xr, self.yr) + 1 > self.target_nx // 2:
+            raise ValueError(
+                f"isac.target_radius ({self.target_radius}) + isac.xr ({max(self.xr, self.yr)}) does not fit in "
+                f"isac.target_nx ({self.target_nx}); lower xr or target_radius"
+            )
+        if n_particles is not None and n_particles < 2 * self.img_per_grp:
+            raise ValueError(
+                f"{n_particles} particles are fewer than 2 x isac.img_per_grp ({2 * self.img_per_grp}): "
+                "lower img_per_grp"
+            )
+
+    def align_options(self, n_references: int | None = None) -> align.AlignOptions:
+        from jisac.polar import RingGeometry
+
+        return align.AlignOptions(
+            geometry=RingGeometry(self.first_ring, self.target_radius, self.ring_step),
+            grid=align.SearchGrid(self.xr, self.yr, self.ts),
+        )
+
+
+@dataclasses.dataclass
+class ClassResult:
+    """One class at the end of a generation: its average (working frame), stable members (indices into the
+    working set of that generation) and their averaged parameters and pixel errors."""
+
+    average: np.ndarray
+    members: np.ndarray
+    params: Transform2D
+    errors: np.ndarray
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What one generation returns: every class (accepted or not) and the accepted ones' indices."""
+
+    classes: list[ClassResult]
+    accepted: list[int]
+    sac_rounds: int
+    seconds: float
+
+
+def _class_mask(labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Padded member lists: ``(k, n_max)`` indices (``-1`` padding) and the mask."""
+    sizes = np.bincount(labels[labels >= 0], minlength=n_classes)
+    n_max = max(int(sizes.max()), 1)
+    index = np.full((n_classes, n_max), -1, np.int64)
+    for c in range(n_classes):
+        m = np.nonzero(labels == c)[0]
+        index[c, : len(m)] = m
+    return index, index >= 0
+
+
+def _recentre(averages: jax.Array, params: Transform2D, labels: np.ndarray, n_classes: int):
+    """Shift each average by minus its members' mean displacement and compose the members' parameters
+    accordingly (SPHIRE's centring of EQ-K-means averages, §8.1 step 4)."""
+    disp_x = np.where(np.asarray(params.mirror), -np.asarray(params.shift_x), np.asarray(params.shift_x))
+    disp_y = np.asarray(params.shift_y)
+    count = np.maximum(np.bincount(labels, minlength=n_classes), 1)
+    mean_x = np.bincount(labels, disp_x, minlength=n_classes) / count
+    mean_y = np.bincount(labels, disp_y, minlength=n_classes) / count
+    averages = filters.fourier_shift(averages, -mean_x, -mean_y)
+    params = compose(params, make_transform(0.0, -mean_x[labels], -mean_y[labels], False))
+    return averages, params
+
+
+def run_generation(
+    images: np.ndarray,
+    key: jax.Array,
+    p: IsacParams,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default)."""
+    t0 = time.perf_counter()
+    say = progress or (lambda msg: None)
+    n = images.shape[0]
+    k = n // p.img_per_grp
+    mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
+    options = p.align_options(k)
+    wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre)
+    k_init, key = jax.random.split(key)
+    references = jnp.asarray(images[np.asarray(jax.random.choice(k_init, n, (k,), replace=False))])
+    params = identity((n,))
+    previous: list[set] = []
+    prev_agreement = 0.0
+    classes: list[ClassResult] = []
+    sac_round = 0
+    while sac_round < p.init_iter:
+        for step in range(p.n_filter_steps):
+            cutoff = p.fl + step * p.filter_step
+            # 1-2. references (mean-subtracted in the mask) and multi-reference alignment about each centre
+            cx, cy = (np.asarray(c) for c in particle_centre(params))
+            far = (np.abs(cx) > p.max_centre) | (np.abs(cy) > p.max_centre)
+            params = Transform2D(*(jnp.where(far, jnp.zeros_like(f), f) for f in params))
+            bank = align.prepare_references(filters.subtract_masked_mean(references, mask), options)
+            table = align.alignment_table(images, bank, options, params=params, mesh=mesh)
+            # 3. equal-size assignment
+            labels = np.asarray(assign_equal_size(table.score))
+            params = jax.tree.map(lambda a: jnp.take_along_axis(a, jnp.asarray(labels)[:, None], 1)[:, 0], table.params)
+            # 4. filtered, centred averages
+            averages = average.class_averages(images, params, labels, k)
+            averages = filters.tanh_lowpass(averages, cutoff, p.ff)
+            averages, params = _recentre(averages, params, labels, k)
+            # 5. the averages in a common frame
+            key, k_common = jax.random.split(key)
+            _, avg_params = within_group.within_group_alignment(
+                np.asarray(averages), np.zeros(k, np.int32), 1, k_common, options, wg
+            )
+            references = apply_transform(jnp.asarray(averages), avg_params)
+            params = compose(params, jax.tree.map(lambda a: a[labels], avg_params))
+            say(f"SAC round {sac_round + 1}, MRA {step + 1}/{p.n_filter_steps} (cutoff {cutoff:.2f}): "
+                f"{n} particles in {k} classes")
+        # 7. within-group round, with the stability test when due
+        tested = sac_round % p.iter_reali == 0
+        sac_round += 1
+        n_runs = p.stab_ali if tested else 1
+        run_params = []
+        for _ in range(n_runs):
+            key, k_run = jax.random.split(key)
+            avgs, wparams = within_group.within_group_alignment(images, labels, k, k_run, options, wg, params, mesh)
+            run_params.append(wparams)
+        if not tested:
+            references = avgs
+            params = run_params[-1]
+            continue
+        index, member = _class_mask(labels, k)
+        safe = np.maximum(index, 0)
+        runs = jax.tree.map(lambda *a: jnp.stack(a)[:, safe].transpose(1, 0, 2), *run_params)  # (k, L, n_max)
+        res = stability.pixel_error_stability_classes(runs, jnp.asarray(member), p.thld_err, float(p.target_radius))
+        stable = np.asarray(res.stable) & member
+        params = run_params[-1]  # unstable members keep the last run's parameters
+        new_refs, classes, current = [], [], []
+        for c in range(k):
+            idx = index[c][stable[c]]
+            c_params = jax.tree.map(lambda a: np.asarray(a[c])[stable[c]], res.params)
+            if len(idx) < 5:
+                # SPHIRE: a class needs a few members to give a reference for the next round
+                pool = np.setdiff1d(index[c][member[c]], idx)
+                extra = np.asarray(jax.random.permutation(jax.random.fold_in(key, c), pool))[: 5 - len(idx)]
+                avg_idx = np.concatenate([idx, extra]).astype(np.int64)
+                avg_params = jax.tree.map(lambda a, e=len(extra): np.concatenate([a, np.zeros(e, a.dtype)]), c_params)
+            else:
+                avg_idx, avg_params = idx, c_params
+            avg = average.class_averages(images[avg_idx], Transform2D(*avg_params), np.zeros(len(avg_idx), int), 1)
+            new_refs.append(filters.tanh_lowpass(avg, p.fh, p.ff)[0])
+            classes.append(ClassResult(np.asarray(new_refs[-1]), idx, Transform2D(*c_params), np.asarray(res.error[c])[stable[c]]))
+            current.append(set(idx.tolist()))
+        # stable members take their averaged parameters
+        stable_idx = np.concatenate([c.members for c in classes]).astype(np.int64)
+        stable_params = jax.tree.map(lambda *a: np.concatenate(a), *[c.params for c in classes])
+        params = Transform2D(*(np.asarray(f).copy() for f in params))
+        for f_all, f_st in zip(params, stable_params):
+            f_all[stable_idx] = f_st
+        params = Transform2D(*map(jnp.asarray, params))
+        references = jnp.stack(new_refs)
+        n_stable = len(stable_idx)
+        say(f"SAC round {sac_round}: {n_stable}/{n} particles stable in {k} classes")
+        # 8. convergence of the stable member sets
+        if previous:
+            inter = sum(len(a & b) for a, b in zip(previous, current))
+            union = sum(map(len, previous)) + sum(map(len, current)) - inter
+            agreement = inter / union if union else 0.0
+            converged = agreement > 0.5 and 0.0 < agreement - prev_agreement < 0.05
+            prev_agreement = agreement
+            if converged:
+                break
+        previous = current
+    accepted = [c for c, cls in enumerate(classes) if len(cls.members) > p.minimum_grp_size]
+    return GenerationResult(classes, accepted, sac_round, time.perf_counter() - t0)
+
+
+@dataclasses.dataclass
+class IsacState:
+    """Everything a run carries from one generation to the next (a checkpoint restores it exactly).
+
+    Indices are into the input stack. ``params`` rows are ``(angle, shift_x, shift_y, mirror)`` in the working
+    frame, relative to the pre-aligned image (SPHIRE's ``all_parameters.txt``); ``class_of`` is the 0-based
+    accepted class (-1: unaccounted).
+    """
+
+    generation: int
+    pool: np.ndarray
+    averages: list
+    members: list
+    params: np.ndarray
+    errors: np.ndarray
+    class_of: np.ndarray
+    history: list
+    empty_generations: int = 0
+    done: bool = False
+
+    @classmethod
+    def start(cls, n: int) -> "IsacState":
+        return cls(
+            generation=0,
+            pool=np.arange(n),
+            averages=[],
+            members=[],
+            params=np.zeros((n, 4), np.float32),
+            errors=np.full(n, np.nan, np.float32),
+            class_of=np.full(n, -1, np.int64),
+            history=[],
+        )
+
+
+def keep_going(p: IsacParams, generation: int, n_bad: int, n_new_good: int, empty_generations: int) -> bool:
+    """SPHIRE's termination rule (§10 step 4): stop when generation 1 accepts nothing or the pool left is too
+    small for two classes (``int(1.2 |bad|) < 2 img_per_grp``), or after ``main_iter_limit`` generations.
+    SPHIRE repeats a later generation that accepts nothing on the same pool, possibly for ever; jisac retries
+    once (new random starts) and stops after two empty generations in a row."""
+    if generation == 1 and n_new_good == 0:
+        return False
+    if n_bad == 0 or int(1.2 * n_bad) < 2 * p.img_per_grp:
+        return False
+    if empty_generations >= 2:
+        return False
+    return p.main_iter_limit < 0 or generation < p.main_iter_limit
+
+
+def run_isac(
+    images,
+    p: IsacParams,
+    seed: int = 0,
+    state: IsacState | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    on_generation: Callable[[IsacState, GenerationResult, np.ndarray], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> IsacState:
+    """Runs (or, given a checkpointed ``state``, resumes) ISAC on a working stack ``(n, nx, nx)``.
+
+    Generation ``g`` uses the key ``fold_in(key(seed), g)``, so a resumed run ends exactly as an uninterrupted
+    one. ``on_generation(state, result, working_indices)`` is called after each finished generation (write
+    outputs and a checkpoint there).
+    """
+    n = images.shape[0]
+    p.validate(n)
+    root = jax.random.key(seed)
+    state = IsacState.start(n) if state is None else state
+    say = progress or (lambda msg: None)
+    while not state.done:
+        g = state.generation + 1
+        work_idx = state.pool
+        say(f"generation {g}: {len(work_idx)} particles in {len(work_idx) // p.img_per_grp} classes")
+        result = run_generation(np.asarray(images[work_idx]), jax.random.fold_in(root, g), p, mesh, progress)
+        n_good = 0
+        for c in result.accepted:
+            cls = result.classes[c]
+            members = work_idx[cls.members]
+            state.averages.append(cls.average)
+            state.members.append(members)
+            state.params[members] = np.stack([np.asarray(f, np.float32) for f in cls.params], -1)
+            state.errors[members] = cls.errors
+            state.class_of[members] = len(state.averages) - 1
+            n_good += len(members)
+        state.pool = np.setdiff1d(work_idx, np.concatenate([work_idx[result.classes[c].members] for c in result.accepted])
+                                  if result.accepted else np.array([], int))
+        state.generation = g
+        state.empty_generations = 0 if result.accepted else state.empty_generations + 1
+        state.history.append({
+            "generation": g,
+            "particles": int(len(work_idx)),
+            "classes": len(result.classes),
+            "accepted_classes": len(result.accepted),
+            "accounted": n_good,
+            "accounted_total": int((state.class_of >= 0).sum()),
+            "sac_rounds": result.sac_rounds,
+            "seconds": round(result.seconds, 3),
+        })
+        say(f"generation {g}: accepted {len(result.accepted)}/{len(result.classes)} classes, "
+            f"{n_good} particles; accounted so far {int((state.class_of >= 0).sum())}/{n} "
+            f"({result.seconds:.0f} s)")
+        state.done = not keep_going(p, g, len(state.pool), len(result.accepted), state.empty_generations)
+        if on_generation is not None:
+            on_generation(state, result, work_idx)
+    return state
