@@ -343,6 +343,7 @@ def _iterate_chunks(fn, images, params, bank, options: AlignOptions, particle_ch
     n_dev = 1 if mesh is None else mesh.size
     step = options.particle_batch * n_dev
     chunk = max(step, particle_chunk - particle_chunk % step)
+    chunk = min(chunk, -(-n // step) * step)  # a small stack is not padded to a whole chunk
     if params is None:
         centres = np.zeros((n, 2), np.float32)
     else:

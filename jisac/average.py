@@ -53,6 +53,7 @@ def class_sums(images, params: Transform2D, labels, n_classes: int, chunk: int =
         ``ClassSums`` with ``sums`` ``(k, ny, nx)`` float32 and ``counts`` ``(k,)`` int32.
     """
     n = images.shape[0]
+    chunk = min(chunk, n)  # a small stack is not padded to a whole chunk
     labels = np.asarray(labels, np.int32)
     fields = [np.asarray(f) for f in params]
     total = None

@@ -217,22 +217,26 @@ def run_generation(
         res = stability.pixel_error_stability_classes(runs, jnp.asarray(member), p.thld_err, float(p.target_radius))
         stable = np.asarray(res.stable) & member
         params = run_params[-1]  # unstable members keep the last run's parameters
-        new_refs, classes, current = [], [], []
+        # Class averages of the stable members only (SPHIRE tops a class up to 5 members with random others at
+        # zero parameters, so that it still gives a reference for the next round).
+        avg_labels = np.full(n, -1, np.int32)
+        avg_params = Transform2D(*(np.zeros(n, np.asarray(f).dtype) for f in params))
+        classes, current = [], []
         for c in range(k):
             idx = index[c][stable[c]]
-            c_params = jax.tree.map(lambda a: np.asarray(a[c])[stable[c]], res.params)
+            c_params = Transform2D(*(np.asarray(a[c])[stable[c]] for a in res.params))
+            avg_labels[idx] = c
+            for f_all, f_c in zip(avg_params, c_params):
+                f_all[idx] = f_c
             if len(idx) < 5:
-                # SPHIRE: a class needs a few members to give a reference for the next round
                 pool = np.setdiff1d(index[c][member[c]], idx)
                 extra = np.asarray(jax.random.permutation(jax.random.fold_in(key, c), pool))[: 5 - len(idx)]
-                avg_idx = np.concatenate([idx, extra]).astype(np.int64)
-                avg_params = jax.tree.map(lambda a, e=len(extra): np.concatenate([a, np.zeros(e, a.dtype)]), c_params)
-            else:
-                avg_idx, avg_params = idx, c_params
-            avg = average.class_averages(images[avg_idx], Transform2D(*avg_params), np.zeros(len(avg_idx), int), 1)
-            new_refs.append(filters.tanh_lowpass(avg, p.fh, p.ff)[0])
-            classes.append(ClassResult(np.asarray(new_refs[-1]), idx, Transform2D(*c_params), np.asarray(res.error[c])[stable[c]]))
+                avg_labels[extra] = c
+            classes.append(ClassResult(None, idx, c_params, np.asarray(res.error[c])[stable[c]]))
             current.append(set(idx.tolist()))
+        references = filters.tanh_lowpass(average.class_averages(images, avg_params, avg_labels, k), p.fh, p.ff)
+        for c, cls in enumerate(classes):
+            cls.average = np.asarray(references[c])
         # stable members take their averaged parameters
         stable_idx = np.concatenate([c.members for c in classes]).astype(np.int64)
         stable_params = jax.tree.map(lambda *a: np.concatenate(a), *[c.params for c in classes])
@@ -240,7 +244,6 @@ def run_generation(
         for f_all, f_st in zip(params, stable_params):
             f_all[stable_idx] = f_st
         params = Transform2D(*map(jnp.asarray, params))
-        references = jnp.stack(new_refs)
         n_stable = len(stable_idx)
         say(f"SAC round {sac_round}: {n_stable}/{n} particles stable in {k} classes")
         # 8. convergence of the stable member sets
