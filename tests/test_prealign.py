@@ -1,0 +1,32 @@
+"""Pre-alignment finds how far each particle sits from the box centre (up to one common offset)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jisac import filters, prealign, synthetic
+from jisac import transforms as T
+
+
+def test_search_stages_follow_sphire():
+    assert prealign.search_stages(77, 29) == [(8, 2), (4, 1)]
+    assert prealign.search_stages(64, 29) == [(2, 1)]
+    with pytest.raises(ValueError, match="target_radius"):
+        prealign.search_stages(50, 29)
+
+
+def test_recovers_relative_centres(projections50):
+    rng = np.random.default_rng(0)
+    n = 48
+    box, radius = 64, 22
+    views = projections50[[3, 3, 3, 8]][rng.integers(0, 4, n)][:, 6:70, 6:70]  # one dominant view, 64 px
+    offsets = rng.uniform(-3, 3, (n, 2))
+    q = T.make_transform(rng.uniform(0, 360, n), offsets[:, 0], offsets[:, 1], rng.integers(0, 2, n).astype(bool))
+    parts = synthetic.add_noise(T.apply_transform(jnp.asarray(views), q), 1.0, jax.random.key(0))
+    parts = np.asarray(filters.normalize_in_mask(parts, filters.circular_mask(box, box, radius)))
+    shifts = prealign.prealign(parts, radius, jax.random.key(1), prealign.PrealignOptions(maxit=6))
+    # particle centre in the raw image is q's shift: the correction must be its negative, up to a common offset
+    residual = shifts + offsets
+    residual -= np.median(residual, 0)
+    assert np.median(np.hypot(*residual.T)) < 1.0
