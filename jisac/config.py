@@ -7,6 +7,7 @@ Defaults and names follow SPHIRE's ``sp_isac2.py`` in lower case (``shared/isac_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -16,14 +17,67 @@ from jisac.polar import RingGeometry
 
 @dataclass
 class IsacConfig:
-    """ISAC parameters (SPHIRE names, lower case). Lengths are in the shrunken working frame."""
+    """ISAC parameters: SPHIRE's ``sp_isac2.py`` options in lower case, same defaults and meaning
+    (``shared/isac_algorithm.md`` §1). Lengths are in the shrunken working frame unless stated."""
 
-    target_radius: int = 29  # particle radius after shrinking; also the outermost ring (SPHIRE default)
-    target_nx: int = 76  # working box size (SPHIRE default)
-    xr: float = 1.0  # translational search half-range, px (SPHIRE --xr)
-    yr: float = -1.0  # y half-range; -1 means "same as xr" (SPHIRE --yr)
-    ts: float = 1.0  # translational search step, px (SPHIRE --ts)
+    radius: Optional[int] = None  # particle radius in pixels of the INPUT stack (required for a real stack)
+    img_per_grp: int = 200  # K = floor(N / img_per_grp) classes per generation
+    minimum_grp_size: Optional[int] = None  # accepted if stable members > this; default 60 % of img_per_grp
+    ctf: bool = False  # phase-flip with the stack's CTF parameters
+    vpp: bool = False  # phase-plate data: whiten with the mean rotational amplitude spectrum
+    target_radius: int = 29  # particle radius after shrinking; also the outermost ring
+    target_nx: int = 76  # working box size
+    xr: float = 1.0  # translational search half-range, px
+    yr: float = -1.0  # y half-range; -1 means "same as xr"
+    ts: float = 1.0  # translational search step, px
+    maxit: int = 30  # passes of each reference-free within-group alignment
+    center_method: int = -1  # centring of the pre-alignment average: -1 average shift (the one implemented)
+    dst: float = 90.0  # coarse rotation step of early within-group passes, degrees
+    fl: float = 0.2  # first low-pass cutoff of EQ-K-means averages, cycles/px
+    fh: float = 0.45  # final cutoff; also of within-group and final averages
+    ff: float = 0.2  # tanh fall-off
+    init_iter: int = 7  # maximum SAC rounds per generation
+    iter_reali: int = 1  # stability test on rounds whose 0-based index is a multiple of this
+    stab_ali: int = 5  # independent alignments per class for the stability test
+    thld_err: float = 0.7  # pixel-error threshold for "stable", working pixels
     rand_seed: int = 0  # every random choice derives from jax.random.key(rand_seed)
+    skip_prealignment: bool = False
+    restart: bool = True  # continue from the last finished generation found in output_dir
+    main_iter_limit: int = -1  # stop after this many generations (-1: until the pool is exhausted)
+
+    def params(self, n_particles: int | None = None):
+        """Validated, frozen ``isac.IsacParams`` (raises ``ValueError`` naming the option)."""
+        from jisac.isac import IsacParams
+
+        minimum = self.minimum_grp_size if self.minimum_grp_size is not None else int(0.6 * self.img_per_grp)
+        p = IsacParams(
+            img_per_grp=self.img_per_grp,
+            minimum_grp_size=minimum,
+            target_radius=self.target_radius,
+            target_nx=self.target_nx,
+            xr=self.xr,
+            yr=self.xr if self.yr < 0 else self.yr,
+            ts=self.ts,
+            maxit=self.maxit,
+            dst=self.dst,
+            fl=self.fl,
+            fh=self.fh,
+            ff=self.ff,
+            init_iter=self.init_iter,
+            iter_reali=self.iter_reali,
+            stab_ali=self.stab_ali,
+            thld_err=self.thld_err,
+            main_iter_limit=self.main_iter_limit,
+        )
+        p.validate(n_particles)
+        if self.center_method != -1:
+            raise ValueError(f"isac.center_method={self.center_method}: only -1 (average shift) is implemented")
+        return p
+
+
+@dataclass
+class DataConfig:
+    stack: Optional[str] = None  # STAR, MRCS/MRC, HDF or .cs; none: the built-in demo stack
 
 
 @dataclass
@@ -42,17 +96,20 @@ class AlignConfig:
 
 @dataclass
 class DemoConfig:
-    """The built-in demonstration: synthetic projections of a phantom, aligned to its clean views."""
+    """The built-in demo stack: noisy projections of a deterministic asymmetric phantom with known views."""
 
-    n_views: int = 20
-    n_particles: int = 2000
-    snr: float = 0.1  # signal variance / noise variance over the image
+    kind: str = "isac"  # "isac": classify the demo stack; "alignment": align it to its known views
+    n_views: int = 12
+    n_particles: int = 1200
+    snr: float = 0.2  # signal variance / noise variance over the image
     max_shift: float = 1.0  # particles are off-centre by up to this many pixels in x and y
+    img_per_grp: int = 100  # the demo's default isac.img_per_grp (used unless isac.img_per_grp is set)
 
 
 @dataclass
 class JisacConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"  # results and the run log
+    data: DataConfig = field(default_factory=DataConfig)
     isac: IsacConfig = field(default_factory=IsacConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

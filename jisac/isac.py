@@ -205,7 +205,7 @@ def run_generation(
         run_params = []
         for _ in range(n_runs):
             key, k_run = jax.random.split(key)
-            avgs, wparams = within_group.within_group_alignment(images, labels, k, k_run, options, wg, params, mesh)
+            avgs, wparams = within_group.within_group_alignment(images, labels, k, k_run, options, wg, params)
             run_params.append(wparams)
         if not tested:
             references = avgs
