@@ -1,0 +1,113 @@
+"""ISAC end to end on a small synthetic stack with known views: classification quality, outputs, restart after
+a kill, and determinism."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jisac import filters, isac, pipeline, synthetic
+from jisac import transforms as T
+
+BOX, RADIUS, N_VIEWS, N = 48, 18, 4, 240
+PARAMS = isac.IsacParams(
+    img_per_grp=30, minimum_grp_size=20, target_radius=RADIUS, target_nx=BOX, maxit=10, init_iter=2, stab_ali=3
+)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """Noisy copies of 4 distinct views, randomly rotated, mirrored and shifted; view directions known."""
+    phantom = synthetic.make_phantom(radius=0.85 * RADIUS, seed=1)
+    rot, tilt = synthetic.hemisphere_directions(N_VIEWS)
+    mask = filters.circular_mask(BOX, BOX, RADIUS)
+    views = filters.normalize_in_mask(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), BOX), mask)
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, N_VIEWS, N)
+    q = T.make_transform(rng.uniform(0, 360, N), rng.uniform(-1, 1, N), rng.uniform(-1, 1, N), rng.integers(0, 2, N).astype(bool))
+    parts = synthetic.add_noise(T.apply_transform(views[truth], q), 0.15, jax.random.key(1))
+    directions = synthetic.euler_to_matrix(rot, tilt, 0)[:, 2]  # viewing direction of each view
+    return np.asarray(filters.normalize_in_mask(parts, mask)), truth, directions
+
+
+@pytest.fixture(scope="module")
+def full_run(stack, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    summary = pipeline.classify(stack[0], PARAMS, out, seed=3, data_id="test")
+    return out, summary
+
+
+def test_classes_are_pure_and_most_particles_accounted(stack, full_run):
+    _, truth, directions = stack
+    out, summary = full_run
+    classes = np.loadtxt(out / "particle_classes.txt")[:, 0].astype(int)
+    accounted = classes > 0
+    assert accounted.mean() >= 0.5
+    within = []
+    for c in np.unique(classes[accounted]):
+        members = classes == c
+        mean_dir = directions[truth[members]].mean(0)
+        mean_dir /= np.linalg.norm(mean_dir)
+        cosines = np.clip(directions[truth[members]] @ mean_dir, -1, 1)
+        within.extend(np.degrees(np.arccos(cosines)) <= 15.0)
+    assert np.mean(within) >= 0.85
+    assert summary["classes"] == len(np.unique(classes[accounted]))
+
+
+def test_outputs_are_complete(full_run):
+    out, summary = full_run
+    import mrcfile
+
+    averages = mrcfile.read(out / "class_averages.mrcs")
+    assert averages.shape == (summary["classes"], BOX, BOX)
+    assert (out / "class_averages.png").stat().st_size > 0
+    processed = np.loadtxt(out / "processed_images.txt", dtype=int, ndmin=1)
+    assert len(processed) == summary["accounted"]
+    params = np.loadtxt(out / "all_parameters.txt")
+    assert params.shape == (N, 4) and (params[processed, 3] >= 0).all()
+    assert (out / "main001" / "generation001" / "finished").exists()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["generations"][0]["generation"] == 1
+    assert not list(out.rglob(".*.tmp"))  # nothing half-written is left
+
+
+def test_killed_run_restarts_to_the_same_result(stack, full_run, tmp_path, monkeypatch):
+    out_full, _ = full_run
+    real = isac.run_generation
+    calls = {"n": 0}
+
+    def dies_in_generation_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(isac, "run_generation", dies_in_generation_2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test")
+    assert (tmp_path / "checkpoint" / "state.npz").exists()
+    assert not (tmp_path / "summary.json").exists()  # an interrupted run does not look finished
+    monkeypatch.setattr(isac, "run_generation", real)
+    pipeline.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test")
+    for name in ("particle_classes.txt", "all_parameters.txt"):
+        np.testing.assert_allclose(np.loadtxt(tmp_path / name), np.loadtxt(out_full / name), atol=1e-3)
+
+
+def test_a_different_run_is_refused_in_the_same_folder(stack, full_run):
+    out, _ = full_run
+    with pytest.raises(pipeline.RunMismatchError, match="different run"):
+        pipeline.classify(stack[0], PARAMS._replace(thld_err=1.0), out, seed=3, data_id="test")
+
+
+def test_impossible_parameters_fail_before_work(stack):
+    with pytest.raises(ValueError, match="minimum_grp_size"):
+        PARAMS._replace(minimum_grp_size=40).validate(N)
+    with pytest.raises(ValueError, match="2 x isac.img_per_grp"):
+        PARAMS._replace(img_per_grp=200, minimum_grp_size=60).validate(N)
+    with pytest.raises(ValueError, match="stab_ali"):
+        PARAMS._replace(stab_ali=1).validate(N)
+    with pytest.raises(ValueError, match="thld_err"):
+        PARAMS._replace(thld_err=0.0).validate(N)
+    with pytest.raises(ValueError, match="does not fit"):
+        PARAMS._replace(xr=8.0).validate(N)
