@@ -67,16 +67,16 @@ def read_cs_table(path: str | os.PathLike, project_dir: str | os.PathLike | None
     bases = [Path(project_dir)] if project_dir is not None else [path.parent, path.parent.parent,
                                                                   path.parent.parent.parent]
     bases.append(Path.cwd())
-    unique, file_of = np.unique(np.asarray(stacks, dtype=object), return_inverse=True)
-    files = []
-    for k, stack in enumerate(unique):
+    unique, first, file_of = np.unique(np.asarray(stacks, dtype=object), return_index=True, return_inverse=True)
+    files = [None] * len(unique)
+    for k in np.argsort(first):  # in order of first use, so the message names the first bad row
+        stack = unique[k]
         candidates = [Path(stack)] if Path(stack).is_absolute() else [b / stack for b in bases]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            row = int(np.flatnonzero(file_of == k)[0])
             raise StackFileNotFoundError(
-                f"{path}: row {row + 1}: blob/path '{stack}' not found (looked under "
+                f"{path}: row {first[k] + 1}: blob/path '{stack}' not found (looked under "
                 f"{', '.join(str(b) for b in bases)}); pass project_dir= the cryoSPARC project folder")
-        files.append(found.resolve())
+        files[k] = found.resolve()
     rows = np.arange(1, len(records) + 1)
     return ParticleTable(metadata, tuple(files), file_of.astype(np.int64), indices, rows, path)

@@ -137,17 +137,17 @@ def read_star_table(path: str | os.PathLike) -> ParticleTable:
     particles = _add_pixel_size(particles)
 
     indices, stacks = _parse_image_names(particles["rlnImageName"], path)
-    unique, file_of = np.unique(np.asarray(stacks, dtype=object), return_inverse=True)
-    files = []
-    for k, stack in enumerate(unique):
+    unique, first, file_of = np.unique(np.asarray(stacks, dtype=object), return_index=True, return_inverse=True)
+    files = [None] * len(unique)
+    for k in np.argsort(first):  # in order of first use, so the message names the first bad row
+        stack, row = unique[k], int(first[k])
         resolved = _resolve(stack, path.parent)
         if resolved is None:
-            row = int(np.flatnonzero(file_of == k)[0])
             raise StackFileNotFoundError(
                 f"{path}: row {row + 1} (_rlnImageName {particles['rlnImageName'].iloc[row]}): stack '{stack}' not "
                 f"found beside the STAR file ({path.parent.resolve()}) or in the working directory ({Path.cwd()}); "
                 "run from the folder the STAR paths are relative to, or fix the paths")
-        files.append(resolved)
+        files[k] = resolved
     rows = np.arange(1, len(particles) + 1)
     return ParticleTable(particles, tuple(files), file_of.astype(np.int64), indices, rows, path)
 
