@@ -158,7 +158,7 @@ def read_star_table(path: str | os.PathLike) -> ParticleTable:
 def _is_scalar_column(values: pd.Series) -> bool:
     if values.dtype != object:
         return True
-    return not any(isinstance(v, (list, tuple, np.ndarray, dict)) for v in values)
+    return not any(isinstance(v, (list, tuple, np.ndarray, np.void, dict)) for v in values)
 
 
 def split_optics(metadata: pd.DataFrame, *, pixel_size: float | None = None, box_size: int | None = None):
