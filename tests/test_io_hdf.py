@@ -77,3 +77,17 @@ def test_hdf_without_ctf_has_no_ctf_columns(tmp_path):
     write_hdf_stack(path, _images(3), 1.0)
     with open_stack(path) as stack:
         assert "rlnDefocusU" not in stack.metadata.columns
+
+
+def test_star_from_hdf_metadata_drops_array_columns(tmp_path):
+    """HDF headers carry through to STAR as scalar columns; array cells (EMAN.members) are left out."""
+    import starfile
+
+    from jisac.io import star
+
+    write_class_averages(tmp_path / "c.hdf", _images(2), [[], [4, 7]], 2.0)
+    with open_stack(tmp_path / "c.hdf") as stack:
+        assert list(stack.metadata["EMAN.members"].iloc[0]) == [] and stack.metadata["EMAN.n_objects"][0] == 0
+        star.write_particle_star(tmp_path / "c.star", stack.metadata, box_size=stack.box_size)
+    particles = starfile.read(tmp_path / "c.star", always_dict=True)["particles"]
+    assert "EMAN.members" not in particles.columns and list(particles["EMAN.n_objects"]) == [0, 2]
