@@ -23,7 +23,6 @@ float32. Frequencies follow NumPy's FFT layout (``fftfreq`` rows, ``rfftfreq`` o
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -32,15 +31,11 @@ import numpy as np
 
 Array = jax.Array
 
-# Physical constants (CODATA 2018, exact in the SI since 2019 except the electron mass).
-_PLANCK_J_S = 6.62607015e-34
-_ELECTRON_MASS_KG = 9.1093837015e-31
-_ELEMENTARY_CHARGE_C = 1.602176634e-19
-_SPEED_OF_LIGHT_M_S = 299792458.0
-# lambda = h / sqrt(2 m e V (1 + e V / (2 m c^2))), in Angstrom with V in volts: h / sqrt(2 m e) * 1e10 and the
-# relativistic correction e / (2 m c^2) per volt. Equal to RELION's 12.2643247 and 0.978466e-6 to 7 digits.
-_WAVELENGTH_COEFF_ANGST = _PLANCK_J_S / math.sqrt(2 * _ELECTRON_MASS_KG * _ELEMENTARY_CHARGE_C) * 1e10
-_RELATIVISTIC_PER_VOLT = _ELEMENTARY_CHARGE_C / (2 * _ELECTRON_MASS_KG * _SPEED_OF_LIGHT_M_S**2)
+# lambda = h / sqrt(2 m e V (1 + e V / (2 m c^2))) in Angstrom for V in volts, with RELION's constants
+# (``CTF::initialise``): h / sqrt(2 m e) = 12.2643247 A V^1/2 and e / (2 m c^2) = 0.978466e-6 / V. CODATA 2018
+# values give a wavelength 6e-6 smaller; RELION's are kept so CTF zeros agree with RELION's to float32 precision.
+_WAVELENGTH_COEFF_ANGST = 12.2643247
+_RELATIVISTIC_PER_VOLT = 0.978466e-6
 
 _ANGST_PER_MM = 1e7
 

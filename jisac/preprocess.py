@@ -155,8 +155,9 @@ def apply_radial_table(images: Array, table: Array) -> Array:
 def fourier_resize(images: Array, n_out: int) -> Array:
     """Resamples ``(..., n, n)`` images to ``(..., n_out, n_out)`` by Fourier cropping or zero padding.
 
-    The frequencies both boxes hold keep their Fourier coefficients times ``(n_out / n)^2``, so pixel values
-    (a constant image, the mean) are preserved; the sampled content is the same band-limited image on a
+    The frequencies both boxes hold keep their Fourier coefficients (phases taken about the centre pixels
+    ``n // 2`` and ``n_out // 2``, which coincide) times ``(n_out / n)^2``, so pixel values (a constant image,
+    the mean) are preserved; the sampled content is the same band-limited image on a
     coarser (``n_out < n``) or finer grid. The input's Nyquist line (even ``n``, padding) is split equally
     between +-n/2 so the result stays real-symmetric; a cropped spectrum's new Nyquist line is symmetrised by
     taking the real part.
@@ -166,7 +167,10 @@ def fourier_resize(images: Array, n_out: int) -> Array:
         raise ValueError(f"fourier_resize needs square images, got {images.shape[-2:]}")
     if n_out == n:
         return jnp.asarray(images, jnp.float32)
-    ft = jnp.fft.fftshift(jnp.fft.fft2(jnp.asarray(images, jnp.float32)), axes=(-2, -1))  # zero at n // 2
+    # The phase origin is put on the centre pixel (ifftshift in real space) so that pixel n // 2 lands exactly
+    # on n_out // 2 for odd sizes too: the particle centre must not move by half a pixel.
+    centred = jnp.fft.ifftshift(jnp.asarray(images, jnp.float32), axes=(-2, -1))
+    ft = jnp.fft.fftshift(jnp.fft.fft2(centred), axes=(-2, -1))  # zero frequency at index n // 2
     if n_out < n:
         lo = n // 2 - n_out // 2
         ft = ft[..., lo : lo + n_out, lo : lo + n_out]
@@ -181,7 +185,7 @@ def fourier_resize(images: Array, n_out: int) -> Array:
         lo = n_out // 2 - n // 2
         widths = [(0, 0)] * (ft.ndim - 2) + [(lo, n_out - m - lo)] * 2
         ft = jnp.pad(ft, widths)
-    out = jnp.fft.ifft2(jnp.fft.ifftshift(ft, axes=(-2, -1))).real
+    out = jnp.fft.fftshift(jnp.fft.ifft2(jnp.fft.ifftshift(ft, axes=(-2, -1))).real, axes=(-2, -1))
     return (out * (n_out / n) ** 2).astype(jnp.float32)
 
 
