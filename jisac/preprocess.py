@@ -102,14 +102,18 @@ def radial_index(ny: int, nx: int) -> np.ndarray:
 def _rotational_amplitude(images: Array) -> Array:
     """``(n, nx // 2 + 1)`` square root of each image's rotationally averaged power spectrum.
 
-    Rings are the integer Fourier radii 0..nx//2 (nearest ring per sample); the corners beyond nx/2 are left out,
-    and each half-plane sample stands for itself and its Hermitian twin, which does not change a ring mean.
+    Rings are the integer Fourier radii 0..nx//2 (nearest ring per sample) of the full plane; the corners beyond
+    nx/2 are left out. On the ``rfft2`` half plane, columns with a Hermitian twin outside it count twice.
     """
     ny, nx = images.shape[-2:]
     n_rings = nx // 2 + 1
     ring = np.rint(radial_index(ny, nx)).astype(np.int32)
-    inside = ring < n_rings
-    one_hot = jnp.asarray((ring[..., None] == np.arange(n_rings)) & inside[..., None], jnp.float32)  # (ny, nh, R)
+    twin = np.full(nx // 2 + 1, 2.0)
+    twin[0] = 1.0
+    if nx % 2 == 0:
+        twin[-1] = 1.0  # the Nyquist column is its own twin
+    one_hot = (ring[..., None] == np.arange(n_rings)) * twin[None, :, None]
+    one_hot = jnp.asarray(one_hot, jnp.float32)  # (ny, nx // 2 + 1, rings) weights
     power = jnp.square(jnp.abs(jnp.fft.rfft2(jnp.asarray(images, jnp.float32))))
     ring_power = jnp.einsum("nyx,yxr->nr", power, one_hot) / one_hot.sum(axis=(0, 1))
     return jnp.sqrt(ring_power)
