@@ -122,20 +122,24 @@ def _rotational_amplitude(images: Array) -> Array:
 _rotational_amplitude_jit = jax.jit(_rotational_amplitude)
 
 
-def vpp_whitening_table(batches: Iterable) -> np.ndarray:
+def vpp_whitening_table(batches: Iterable, batch_size: int | None = None) -> np.ndarray:
     """SPHIRE's VPP whitening table ``rpw[k] = N / sum_i sqrt(P_i(k))``, ``rpw[0] = 1`` (§3.3), float64.
 
     ``P_i`` is the rotationally averaged power spectrum of original image ``i`` (rings of integer Fourier radius
     ``k = 0..nx//2``). One streaming pass over ``batches``: ``(b, ny, nx)`` image arrays or ``(indices, images)``
-    pairs (as ``prepare_working_stack`` takes). A batch whose size changes compiles again: keep sizes fixed.
+    pairs (as ``prepare_working_stack`` takes). With ``batch_size``, batches are cut or padded to that size (one
+    compilation); without it, every new batch size compiles again.
     """
     total, count = None, 0
     for batch in batches:
         images = batch[1] if isinstance(batch, tuple) else batch
-        images = np.asarray(images, np.float32)
-        part = np.asarray(_rotational_amplitude_jit(images), np.float64).sum(axis=0)
-        total = part if total is None else total + part
-        count += images.shape[0]
+        step = batch_size or max(len(images), 1)
+        for start in range(0, len(images), step):
+            chunk = np.asarray(images[start : start + step], np.float32)
+            amplitude = _rotational_amplitude_jit(_pad_to(chunk, step) if batch_size else chunk)
+            part = np.asarray(amplitude, np.float64)[: len(chunk)].sum(axis=0)
+            total = part if total is None else total + part
+            count += len(chunk)
     if total is None:
         raise ValueError("vpp_whitening_table: no images")
     table = count / np.maximum(total, 1e-30)
@@ -398,7 +402,7 @@ def prepare_working_stack(
     if use_vpp and whitening_table is None:
         if not callable(batches) and iter(batches) is batches:
             raise ValueError("params.vpp needs two passes over batches: pass a list or a callable, not an iterator")
-        whitening_table = vpp_whitening_table(_fresh_iterator(batches))
+        whitening_table = vpp_whitening_table(_fresh_iterator(batches), batch_size)
 
     state = {"out": None, "writer": None}
     seen = np.zeros(n, bool)

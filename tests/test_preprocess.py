@@ -166,6 +166,8 @@ def test_vpp_whitening_table_and_whitening():
     np.testing.assert_allclose(table, want, rtol=1e-4)
     # (indices, images) pairs are accepted too.
     np.testing.assert_allclose(P.vpp_whitening_table([(np.arange(6), imgs)]), table, rtol=1e-5)
+    # Cut and padded to a fixed batch size: the padding does not count.
+    np.testing.assert_allclose(P.vpp_whitening_table([imgs[:5], imgs[5:]], batch_size=4), table, rtol=1e-5)
     # Whitened images have a flat rotational amplitude spectrum (rings 1..n/2).
     white = np.asarray(P.apply_radial_table(jnp.asarray(imgs), table))
     amp = np.mean([rotational_amplitude_f64(w.astype(np.float64)) for w in white], axis=0)[1:]
