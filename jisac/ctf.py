@@ -102,7 +102,8 @@ class CTFParams(NamedTuple):
             return np.asarray(table[name].to_numpy(), np.float32)
 
         fields = {field: column(col) for field, col in required.items()}
-        fields["phase_shift_deg"] = column("rlnPhaseShift") if "rlnPhaseShift" in table.columns else np.zeros(n, np.float32)
+        has_phase = "rlnPhaseShift" in table.columns
+        fields["phase_shift_deg"] = column("rlnPhaseShift") if has_phase else np.zeros(n, np.float32)
         if pixel_size_angst is not None:
             fields["pixel_size_angst"] = np.full(n, pixel_size_angst, np.float32)
         elif "rlnImagePixelSize" in table.columns:
