@@ -26,11 +26,17 @@ def main(cfg) -> float:
         from jisac import devices
 
         devices.use_all_cpu_cores()  # before any JAX computation
-        from jisac.demo import run_alignment_demo
+        if typed.data.stack is None and typed.demo.kind == "alignment":
+            from jisac.demo import run_alignment_demo
 
-        summary = run_alignment_demo(typed)
+            return run_alignment_demo(typed)["view_accuracy"]
+        if typed.demo.kind not in ("isac", "alignment"):
+            raise ValueError(f"demo.kind must be 'isac' or 'alignment' (got {typed.demo.kind!r})")
+        from jisac.run import run
+
+        summary = run(typed)
     except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
         print(f"jisac: error: {err}", file=sys.stderr)
         sys.exit(2)
-    return summary["view_accuracy"]
+    return summary["accounted_fraction"]

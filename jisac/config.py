@@ -98,12 +98,11 @@ class AlignConfig:
 class DemoConfig:
     """The built-in demo stack: noisy projections of a deterministic asymmetric phantom with known views."""
 
-    kind: str = "isac"  # "isac": classify the demo stack; "alignment": align it to its known views
-    n_views: int = 12
+    kind: str = "isac"  # "isac": classify the demo stack; "alignment": align noisy views to the clean ones
+    n_views: int = 6
     n_particles: int = 1200
-    snr: float = 0.2  # signal variance / noise variance over the image
-    max_shift: float = 1.0  # particles are off-centre by up to this many pixels in x and y
-    img_per_grp: int = 100  # the demo's default isac.img_per_grp (used unless isac.img_per_grp is set)
+    snr: float = 0.3  # signal variance / noise variance over the image (after the CTF)
+    max_shift: float = 2.0  # particles are off-centre by up to this many pixels in x and y
 
 
 @dataclass

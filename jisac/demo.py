@@ -1,6 +1,9 @@
-"""The built-in demonstration of the alignment engine (what ``python -m jisac`` runs with no input).
+"""The built-in demo stack (what ``python -m jisac`` classifies with no input) and the alignment-engine demo.
 
-It projects a deterministic asymmetric phantom along ``demo.n_views`` directions, makes ``demo.n_particles``
+``demo_stack`` writes, once, a RELION stack of CTF-modulated noisy projections of a deterministic asymmetric
+phantom with known views (``particles.star`` + ``particles.mrcs`` in the user's cache folder) and returns it.
+
+The alignment demo (``demo.kind=alignment``) projects a deterministic asymmetric phantom along ``demo.n_views`` directions, makes ``demo.n_particles``
 noisy particles from those views with random in-plane rotations, shifts and mirrors, aligns every particle to
 every clean view (multi-reference polar alignment), and reports how often the right view, angle and centre were
 found, then writes the class averages of the particles by their best view.
@@ -8,20 +11,101 @@ found, then writes the class averages of the particles by their best view.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
+
+import pandas as pd
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, average, config, devices, filters, synthetic
+from jisac import align, average, config, ctf, devices, filters, synthetic
 from jisac import transforms as T
 from jisac.io.atomic import write_json
 from jisac.io.mrc import write_stack
 
 log = logging.getLogger("jisac")
+
+
+DEMO_BOX = 96  # px; the particle radius is 36 px, so ISAC shrinks by 29/36 (exercises the resampling)
+DEMO_RADIUS = 36
+DEMO_PIXEL = 2.0  # Angstrom
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jisac"
+
+
+def demo_stack(demo: config.DemoConfig, folder: Path | None = None, seed: int = 0) -> tuple[Path, int]:
+    """``(particles.star path, particle radius in px)`` of the demo stack, made on first use and cached.
+
+    Particles: ``demo.n_particles`` projections of the phantom along ``demo.n_views`` well-spread directions,
+    each rotated in plane at random, mirrored at random (the view from the opposite side), shifted by up to
+    ``demo.max_shift`` px, modulated by a CTF (300 kV, Cs 2.7 mm, 10 % amplitude contrast, defocus 1.0-2.5 um
+    with up to 0.1 um astigmatism) and given white noise at ``demo.snr``. Extra columns ``jisacTrueView`` and
+    ``jisacTrueDirectionX/Y/Z`` hold the truth.
+    """
+    settings = {"n_views": demo.n_views, "n_particles": demo.n_particles, "snr": demo.snr,
+                "max_shift": demo.max_shift, "seed": seed, "box": DEMO_BOX, "radius": DEMO_RADIUS, "version": 1}
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    folder = (folder or cache_folder()) / f"demo-{tag}"
+    star_path = folder / "particles.star"
+    if star_path.exists():
+        return star_path, DEMO_RADIUS
+    t0 = time.perf_counter()
+    n = demo.n_particles
+    keys = jax.random.split(jax.random.key(seed), 8)
+    phantom = synthetic.make_phantom(radius=0.9 * DEMO_RADIUS, seed=seed)
+    rot, tilt = synthetic.hemisphere_directions(demo.n_views)
+    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0.0), DEMO_BOX)
+    truth = np.asarray(jax.random.randint(keys[0], (n,), 0, demo.n_views))
+    moves = T.make_transform(
+        jax.random.uniform(keys[1], (n,), maxval=360.0),
+        jax.random.uniform(keys[2], (n,), minval=-demo.max_shift, maxval=demo.max_shift),
+        jax.random.uniform(keys[3], (n,), minval=-demo.max_shift, maxval=demo.max_shift),
+        jax.random.bernoulli(keys[4], 0.5, (n,)),
+    )
+    rng = np.random.default_rng(seed)
+    defocus = rng.uniform(10000.0, 25000.0, n)
+    astig = rng.uniform(0.0, 1000.0, n)
+    params = ctf.make_ctf_params(defocus + astig / 2, defocus - astig / 2, rng.uniform(0, 180, n), pixel_size_angst=DEMO_PIXEL)
+    images = ctf.apply_ctf(T.apply_transform(views[truth], moves), params)
+    images = np.asarray(synthetic.add_noise(images, demo.snr, keys[5]))
+    directions = synthetic.euler_to_matrix(rot, tilt, 0.0)[:, 2]
+    # the mirror image of a projection is the view from the opposite side
+    sign = np.where(np.asarray(moves.mirror), -1.0, 1.0)[:, None]
+    metadata = pd.DataFrame({
+        "rlnDefocusU": np.asarray(params.defocus_u_angst),
+        "rlnDefocusV": np.asarray(params.defocus_v_angst),
+        "rlnDefocusAngle": np.asarray(params.defocus_angle_deg),
+        "rlnVoltage": 300.0,
+        "rlnSphericalAberration": 2.7,
+        "rlnAmplitudeContrast": 0.1,
+        "rlnOpticsGroup": 1,
+        "jisacTrueView": truth,
+        "jisacTrueDirectionX": directions[truth, 0] * sign[:, 0],
+        "jisacTrueDirectionY": directions[truth, 1] * sign[:, 0],
+        "jisacTrueDirectionZ": directions[truth, 2] * sign[:, 0],
+    })
+    from jisac.io.star import write_stack_and_star
+
+    tmp = folder.with_name(folder.name + f".{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_stack_and_star(tmp / "particles.star", tmp / "particles.mrcs", images, metadata, pixel_size=DEMO_PIXEL)
+    try:
+        os.replace(tmp, folder)  # the cached stack appears complete or not at all
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process made it first
+    log.info("made the demo stack (%d particles, %d views, %d px, SNR %.2g, CTF) in %.1f s: %s",
+             n, demo.n_views, DEMO_BOX, demo.snr, time.perf_counter() - t0, star_path)
+    return star_path, DEMO_RADIUS
 
 
 def _angle_error(a, b):

@@ -1,0 +1,167 @@
+"""ISAC from a configuration: a particle stack in, classes and RELION/SPHIRE files out.
+
+Steps (``shared/isac_algorithm.md`` §3, §10): open the stack (STAR, MRCS, HDF or .cs; the built-in demo stack when
+none is given) and check everything that can be checked before heavy work; pre-align shrunk copies for centring
+(§3.1); prepare the working stack (phase flip, shift, shrink to ``target_radius``, box ``target_nx``, normalise;
+§3.2); classify with checkpoints (``pipeline.classify``); then write the field's formats:
+
+- ``ordered_class_averages.hdf``: EMAN2/SPHIRE HDF, ``EMAN.members`` (0-based input indices) and ``EMAN.n_objects``;
+- ``class_averages.mrcs`` + ``class_averages.star``: the same averages, class k at index k-1;
+- ``particles.star``: every input particle in input order with the input's columns, ``rlnClassNumber`` (0 =
+  unaccounted), ``rlnAnglePsi``, ``rlnOriginXAngst``, ``rlnOriginYAngst`` (pre-alignment composed with ISAC's
+  parameters, input pixel size, RELION's convention), ``jisacMirror`` and ``jisacPixelError``;
+- ``accounted.star``: the accounted particles only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from jisac import config, ctf, devices, io, pipeline, prealign, preprocess
+from jisac.io import hdf, star
+from jisac.io.atomic import write_json
+from jisac.transforms import Transform2D, compose, make_transform, to_relion
+
+log = logging.getLogger("jisac")
+
+
+def _stack_id(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def _ctf_params(stack, use_ctf: bool):
+    if not use_ctf:
+        return None
+    io.require_ctf_columns(stack.metadata, source=str(stack.source))
+    return ctf.CTFParams.from_relion_table(stack.metadata, pixel_size_angst=stack.pixel_size)
+
+
+def _working_stack(stack, prep: preprocess.PreprocessParams, ctf_params, shifts, pixel_size):
+    batches = lambda: stack.iter_batches(256)  # noqa: E731  (VPP reads the stack twice)
+    return preprocess.prepare_working_stack(
+        batches, len(stack), prep, ctf_params_for_indices=ctf_params, shifts=shifts, pixel_size_angst=pixel_size
+    )
+
+
+def run(cfg: config.JisacConfig) -> dict:
+    """Runs ISAC as configured; returns the summary (also in ``summary.json``)."""
+    out = Path(cfg.output_dir)
+    t0 = time.perf_counter()
+    if cfg.data.stack is None:
+        from jisac.demo import demo_stack
+
+        path, radius = demo_stack(cfg.demo)
+        log.info("no data.stack given: using the built-in demo stack %s", path)
+    else:
+        path, radius = cfg.data.stack, cfg.isac.radius
+        if radius is None:
+            raise ValueError("isac.radius is required: the particle radius in pixels of the input stack")
+    stack = io.open_stack(path)
+    n, box = len(stack), stack.box_size
+    pixel_size = io.require_pixel_size(stack)
+    if radius < 1 or radius > box // 2:
+        raise ValueError(f"isac.radius={radius} must be between 1 and half the box ({box // 2} px) of {path}")
+    p = cfg.isac.params(n)  # every ISAC parameter checked before heavy work
+    use_ctf = cfg.isac.ctf
+    if cfg.data.stack is None and not use_ctf:
+        log.info("the demo stack carries a CTF: phase flipping it (as isac.ctf=true)")
+        use_ctf = True
+    prep = preprocess.PreprocessParams(radius, p.target_radius, p.target_nx, use_ctf, cfg.isac.vpp)
+    prep.validate(box)
+    ctf_params = _ctf_params(stack, use_ctf)
+    s = prep.shrink_ratio
+    log.info("%d particles, %d px box, %.3f A/px, radius %d px -> shrink ratio %.4f", n, box, pixel_size, radius, s)
+    timings = {}
+
+    # Pre-alignment: shrunk copies without cropping, centring shifts in original pixels.
+    if cfg.isac.skip_prealignment:
+        shifts = np.zeros((n, 2), np.float32)
+    else:
+        t = time.perf_counter()
+        shrunk_box = prep.shrunk_size(box)
+        copies = _working_stack(stack, prep._replace(target_nx=shrunk_box), ctf_params, None, pixel_size)
+        try:
+            prealign.search_stages(shrunk_box, p.target_radius)
+        except ValueError as err:
+            raise ValueError(f"{err}; set isac.skip_prealignment=true or a smaller isac.target_radius") from None
+        import jax
+
+        shifts_shrunk = prealign.prealign(
+            np.asarray(copies.images), p.target_radius, jax.random.fold_in(jax.random.key(cfg.isac.rand_seed), 0),
+            progress=log.info,
+        )
+        shifts = (shifts_shrunk / s).astype(np.float32)
+        timings["prealignment"] = round(time.perf_counter() - t, 2)
+
+    t = time.perf_counter()
+    working = _working_stack(stack, prep, ctf_params, shifts, pixel_size)
+    images = np.asarray(working.images)
+    timings["working_stack"] = round(time.perf_counter() - t, 2)
+    log.info("working stack: %d x %d px (%.1f s)", len(images), p.target_nx, timings["working_stack"])
+
+    data_id = (_stack_id(str(path)), radius, use_ctf, cfg.isac.vpp, cfg.isac.skip_prealignment)
+    summary = pipeline.classify(
+        images, p, out, seed=cfg.isac.rand_seed, data_id=repr(data_id), restart=cfg.isac.restart,
+        mesh=devices.data_mesh(),
+    )
+    write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size)
+    timings["total"] = round(time.perf_counter() - t0, 2)
+    summary["seconds"].update(timings)
+    summary["input"] = str(path)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def write_relion_and_sphire(out: Path, stack, summary: dict, p, shifts: np.ndarray, s: float, pixel_size: float):
+    """particles.star, accounted.star, class_averages.star and ordered_class_averages.hdf from the run's files."""
+    n = len(stack)
+    classes = np.loadtxt(out / "particle_classes.txt", ndmin=2)
+    class_number = classes[:, 0].astype(int)
+    errors = classes[:, 1]
+    params = np.loadtxt(out / "all_parameters.txt", ndmin=2)
+    accounted = class_number > 0
+    # Full 2D alignment in input pixels: the pre-alignment shift first, then ISAC's (working pixels / s).
+    isac_p = make_transform(params[:, 0], params[:, 1] / s, params[:, 2] / s, params[:, 3] > 0)
+    full = compose(make_transform(0.0, shifts[:, 0], shifts[:, 1], False), isac_p)
+    full = Transform2D(*(np.where(accounted, np.asarray(f), np.zeros_like(np.asarray(f))) for f in full))
+    psi, ox, oy, mirror = (np.asarray(v) for v in to_relion(full, pixel_size))
+    new = pd.DataFrame({
+        "rlnClassNumber": class_number,
+        "rlnAnglePsi": psi,
+        "rlnOriginXAngst": ox,
+        "rlnOriginYAngst": oy,
+        "jisacMirror": mirror.astype(int),
+        "jisacPixelError": np.nan_to_num(errors, nan=-1.0),
+    })
+    star.write_particle_star(out / "particles.star", stack.metadata, new, pixel_size=pixel_size, box_size=stack.box_size)
+    if accounted.any():
+        star.write_particle_star(
+            out / "accounted.star", stack.metadata[accounted].reset_index(drop=True),
+            new[accounted].reset_index(drop=True), pixel_size=pixel_size, box_size=stack.box_size,
+        )
+    if summary["classes"]:
+        import mrcfile
+
+        averages = mrcfile.read(out / "class_averages.mrcs")
+        averages = averages[None] if averages.ndim == 2 else averages
+        members = [np.nonzero(class_number == k + 1)[0] for k in range(len(averages))]
+        working_pixel = pixel_size / s
+        hdf.write_class_averages(out / "ordered_class_averages.hdf", averages, members, working_pixel)
+        table = pd.DataFrame({
+            "rlnReferenceImage": [f"{k + 1}@class_averages.mrcs" for k in range(len(averages))],
+            "rlnClassNumber": np.arange(1, len(averages) + 1),
+            "rlnClassDistribution": [len(m) / n for m in members],
+            "jisacMembers": [len(m) for m in members],
+        })
+        from jisac.io.atomic import atomic_path
+        import starfile
+
+        with atomic_path(out / "class_averages.star") as tmp:
+            starfile.write({"model_classes": table}, tmp)
