@@ -99,15 +99,29 @@ class DemoConfig:
     """The built-in demo stack: noisy projections of a deterministic asymmetric phantom with known views."""
 
     kind: str = "isac"  # "isac": classify the demo stack; "alignment": align noisy views to the clean ones
-    n_views: int = 6
-    n_particles: int = 1200
+    n_views: int = 4
+    n_particles: int = 800  # 4 classes at ISAC's default img_per_grp (200): a few minutes on a 2-core CPU
     snr: float = 0.3  # signal variance / noise variance over the image (after the CTF)
     max_shift: float = 2.0  # particles are off-centre by up to this many pixels in x and y
 
 
 @dataclass
+class StabilityConfig:
+    """The ``stability`` config group: which criterion decides that a class member is stable."""
+
+    name: str = "pixel_error"
+    max_iter: int = 50  # L-BFGS iterations of the pixel-error corrections
+
+    def criterion(self, isac: IsacConfig):
+        from jisac import stability
+
+        return stability.make_criterion(self.name, isac.thld_err, float(isac.target_radius), max_iter=self.max_iter)
+
+
+@dataclass
 class JisacConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"  # results and the run log
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
     data: DataConfig = field(default_factory=DataConfig)
     isac: IsacConfig = field(default_factory=IsacConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -116,7 +130,9 @@ class JisacConfig:
 
 def register() -> None:
     """Registers the schema so ``conf/config.yaml`` can extend it (type-checked overrides)."""
-    ConfigStore.instance().store(name="jisac_schema", node=JisacConfig)
+    store = ConfigStore.instance()
+    store.store(name="jisac_schema", node=JisacConfig)
+    store.store(group="stability", name="pixel_error", node=StabilityConfig(name="pixel_error"))
 
 
 def align_options(isac: IsacConfig, align: AlignConfig, n_references: int | None = None) -> AlignOptions:

@@ -157,8 +157,15 @@ def run_generation(
     p: IsacParams,
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[str], None] | None = None,
+    criterion=None,
 ) -> GenerationResult:
-    """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default)."""
+    """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default).
+
+    ``criterion``: a stability criterion (``stability.make_criterion``); default ISAC2's pixel error with
+    ``p.thld_err`` and the particle radius ``p.target_radius``.
+    """
+    if criterion is None:
+        criterion = stability.pixel_error_criterion(p.thld_err, float(p.target_radius))
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
     n = images.shape[0]
@@ -205,7 +212,7 @@ def run_generation(
         run_params = []
         for _ in range(n_runs):
             key, k_run = jax.random.split(key)
-            avgs, wparams = within_group.within_group_alignment(images, labels, k, k_run, options, wg, params)
+            avgs, wparams = within_group.within_group_alignment(images, labels, k, k_run, options, wg, params, mesh)
             run_params.append(wparams)
         if not tested:
             references = avgs
@@ -214,7 +221,7 @@ def run_generation(
         index, member = _class_mask(labels, k)
         safe = np.maximum(index, 0)
         runs = jax.tree.map(lambda *a: jnp.stack(a)[:, safe].transpose(1, 0, 2), *run_params)  # (k, L, n_max)
-        res = stability.pixel_error_stability_classes(runs, jnp.asarray(member), p.thld_err, float(p.target_radius))
+        res = criterion(runs, jnp.asarray(member), images=images, labels=index)
         stable = np.asarray(res.stable) & member
         params = run_params[-1]  # unstable members keep the last run's parameters
         # Class averages of the stable members only (SPHIRE tops a class up to 5 members with random others at
@@ -316,6 +323,7 @@ def run_isac(
     mesh: jax.sharding.Mesh | None = None,
     on_generation: Callable[[IsacState, GenerationResult, np.ndarray], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    criterion=None,
 ) -> IsacState:
     """Runs (or, given a checkpointed ``state``, resumes) ISAC on a working stack ``(n, nx, nx)``.
 
@@ -332,7 +340,7 @@ def run_isac(
         g = state.generation + 1
         work_idx = state.pool
         say(f"generation {g}: {len(work_idx)} particles in {len(work_idx) // p.img_per_grp} classes")
-        result = run_generation(np.asarray(images[work_idx]), jax.random.fold_in(root, g), p, mesh, progress)
+        result = run_generation(np.asarray(images[work_idx]), jax.random.fold_in(root, g), p, mesh, progress, criterion)
         n_good = 0
         for c in result.accepted:
             cls = result.classes[c]

@@ -199,16 +199,18 @@ def classify(
     data_id: str = "",
     restart: bool = True,
     mesh=None,
+    criterion=None,
 ) -> dict:
     """Runs ISAC on a working stack ``(n, target_nx, target_nx)``, writing outputs to ``output_dir``.
 
     With ``restart`` and a checkpoint of the same run (same parameters, seed and ``data_id``) in
     ``output_dir``, continues after its last finished generation; a checkpoint of a different run is refused.
+    ``criterion``: the stability criterion (default ISAC2's pixel error).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     p.validate(len(images))
-    run_id = fingerprint(p, seed, data_id)
+    run_id = fingerprint(p, seed, f"{data_id}|{getattr(criterion, 'name', 'pixel_error')}")
     ckpt = out / "checkpoint" / "state.npz"
     state = None
     if ckpt.exists():
@@ -222,7 +224,7 @@ def classify(
         write_generation(out, st, result, work_idx)
         save_state(ckpt, st, run_id)
 
-    state = isac.run_isac(images, p, seed, state, mesh, on_generation, progress=log.info)
+    state = isac.run_isac(images, p, seed, state, mesh, on_generation, progress=log.info, criterion=criterion)
     t_isac = time.perf_counter() - t0
     summary = write_final(out, state, p, {"isac": round(t_isac, 2)})
     log.info(

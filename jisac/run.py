@@ -69,6 +69,7 @@ def run(cfg: config.JisacConfig) -> dict:
     if radius < 1 or radius > box // 2:
         raise ValueError(f"isac.radius={radius} must be between 1 and half the box ({box // 2} px) of {path}")
     p = cfg.isac.params(n)  # every ISAC parameter checked before heavy work
+    cfg.stability.criterion(cfg.isac)  # an unknown criterion fails here too
     use_ctf = cfg.isac.ctf
     if cfg.data.stack is None and not use_ctf:
         log.info("the demo stack carries a CTF: phase flipping it (as isac.ctf=true)")
@@ -95,7 +96,7 @@ def run(cfg: config.JisacConfig) -> dict:
 
         shifts_shrunk = prealign.prealign(
             np.asarray(copies.images), p.target_radius, jax.random.fold_in(jax.random.key(cfg.isac.rand_seed), 0),
-            progress=log.info,
+            mesh=devices.data_mesh(), progress=log.info,
         )
         shifts = (shifts_shrunk / s).astype(np.float32)
         timings["prealignment"] = round(time.perf_counter() - t, 2)
@@ -109,7 +110,7 @@ def run(cfg: config.JisacConfig) -> dict:
     data_id = (_stack_id(str(path)), radius, use_ctf, cfg.isac.vpp, cfg.isac.skip_prealignment)
     summary = pipeline.classify(
         images, p, out, seed=cfg.isac.rand_seed, data_id=repr(data_id), restart=cfg.isac.restart,
-        mesh=devices.data_mesh(),
+        mesh=devices.data_mesh(), criterion=cfg.stability.criterion(cfg.isac),
     )
     write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size)
     timings["total"] = round(time.perf_counter() - t0, 2)

@@ -177,3 +177,33 @@ def pixel_error_stability_classes(
     """``pixel_error_stability`` for many classes at once: fields ``(c, L, n)``, ``member`` ``(c, n)``."""
     fn = jax.vmap(lambda r, m: pixel_error_stability(r, m, threshold, radius, max_iter))
     return fn(runs, member)
+
+
+# ------------------------------------------------------------------------------------ pluggable criteria
+#
+# A stability criterion is a value: a function ``criterion(runs, member, images=None, labels=None)`` taking the
+# L parameter sets of every class (``Transform2D`` with fields ``(c, L, n)``, padded), the member mask ``(c, n)``
+# and, for criteria that need them, the working stack and the members' indices into it (``(c, n)``, -1 padding);
+# it returns a ``StabilityResult`` with fields ``(c, n)`` (``stable``, a per-member ``error`` score where lower
+# is better, averaged ``params``). The ISAC loop calls whichever criterion it is given; ``make_criterion``
+# builds one from the ``stability`` config group.
+
+
+def pixel_error_criterion(threshold: float, radius: float, max_iter: int = 50):
+    """ISAC2's criterion (the default): a member is stable if its pixel error is below ``threshold``."""
+
+    def criterion(runs: Transform2D, member: Array, images=None, labels=None) -> StabilityResult:
+        return pixel_error_stability_classes(runs, member, threshold, radius, max_iter)
+
+    criterion.name = "pixel_error"
+    return criterion
+
+
+CRITERIA = {"pixel_error": pixel_error_criterion}
+
+
+def make_criterion(name: str, threshold: float, radius: float, **options):
+    """The criterion called ``name`` (``stability=<name>`` on the command line) with its options."""
+    if name not in CRITERIA:
+        raise ValueError(f"stability={name!r} is not a known criterion; choose one of {sorted(CRITERIA)}")
+    return CRITERIA[name](threshold, radius, **options)

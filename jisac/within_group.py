@@ -63,15 +63,18 @@ def _class_sums(images, params, seg, n_classes):
     return total
 
 
-@functools.partial(jax.jit, static_argnames=("n_classes", "options", "wg"))
-def _within_group_jit(images, labels, valid, params, n_classes, options, wg):
+def _within_group_local(images, labels, valid, params, n_classes, options, wg, axis=None):
+    """The whole schedule on this device's particles; with ``axis`` (inside ``shard_map``) class sums and
+    counts are summed over the devices, so every device sees the same averages."""
+    reduce = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))  # noqa: E731
     seg = jnp.where(valid & (labels >= 0), labels, n_classes)
-    counts = jnp.maximum(jnp.bincount(seg, length=n_classes + 1)[:n_classes], 1).astype(jnp.float32)
+    counts = reduce(jnp.bincount(seg, length=n_classes + 1)[:n_classes])
+    counts = jnp.maximum(counts, 1).astype(jnp.float32)
     safe_labels = jnp.clip(labels, 0, n_classes - 1)
     coarse = options._replace(coarse_step_deg=wg.dst)
 
     def averages(params, it):
-        avg = _class_sums(images, params, seg, n_classes) / counts[:, None, None]
+        avg = reduce(_class_sums(images, params, seg, n_classes)) / counts[:, None, None]
         cutoff = 0.1 + (wg.fh - 0.1) * it / max(wg.maxit - 1, 1)
         return filters.tanh_lowpass(avg, cutoff, wg.ff)
 
@@ -93,6 +96,22 @@ def _within_group_jit(images, labels, valid, params, n_classes, options, wg):
     return averages(params, wg.maxit - 1), params
 
 
+@functools.lru_cache(maxsize=16)
+def _within_group_fn(n_classes, options, wg, mesh):
+    """The jitted schedule, on one device or split over the particles of a one-axis mesh."""
+    fn = functools.partial(_within_group_local, n_classes=n_classes, options=options, wg=wg)
+    if mesh is None:
+        return jax.jit(fn)
+    axis = mesh.axis_names[0]
+    split, rep = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
+    return jax.jit(
+        jax.shard_map(
+            functools.partial(fn, axis=axis), mesh=mesh, in_specs=(split, split, split, split), out_specs=(rep, split),
+            check_vma=False,  # the class-sum scan starts from a zero that is the same on every device
+        )
+    )
+
+
 def within_group_alignment(
     images,
     labels,
@@ -101,6 +120,7 @@ def within_group_alignment(
     options: align.AlignOptions = align.AlignOptions(),
     wg: WithinGroupOptions = WithinGroupOptions(),
     params: Transform2D | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Array, Transform2D]:
     """Aligns the members of every class to their class average, from a random start.
 
@@ -115,6 +135,8 @@ def within_group_alignment(
         options: polar search options (ring normalisation is switched off here, as in SPHIRE).
         wg: iteration schedule.
         params: current parameters (their centres are kept); ``None`` means the box centre.
+        mesh: optional one-axis device mesh: particles are split over its devices, class sums added across them
+            (same result as one device up to float summation order).
 
     Returns:
         ``(averages, params)``: the final low-passed class averages ``(n_classes, ny, nx)`` and the members'
@@ -122,7 +144,8 @@ def within_group_alignment(
     """
     n = images.shape[0]
     options = options._replace(normalize_particles=False)
-    step = int(np.lcm(_SUM_CHUNK, options.particle_batch))
+    n_dev = 1 if mesh is None else mesh.size
+    step = int(np.lcm(_SUM_CHUNK, options.particle_batch)) * n_dev
     padded = -(-n // step) * step
     pad = padded - n
     imgs = jnp.asarray(np.asarray(images, np.float32))
@@ -134,5 +157,10 @@ def within_group_alignment(
         lab = jnp.concatenate([lab, jnp.full((pad,), -1, jnp.int32)])
         start = Transform2D(*(jnp.concatenate([f, jnp.zeros((pad,), f.dtype)]) for f in start))
     valid = jnp.arange(padded) < n
-    averages, out = _within_group_jit(imgs, lab, valid, start, n_classes, options, wg)
-    return averages, Transform2D(*(f[:n] for f in out))
+    fn = _within_group_fn(n_classes, options, wg, mesh)
+    if mesh is not None:
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+        imgs, lab, valid, start = jax.device_put((imgs, lab, valid, start), split)
+    averages, out = fn(imgs, lab, valid, start)
+    averages = np.asarray(averages)
+    return averages, Transform2D(*(jnp.asarray(np.asarray(f)[:n]) for f in out))

@@ -111,3 +111,25 @@ def test_impossible_parameters_fail_before_work(stack):
         PARAMS._replace(thld_err=0.0).validate(N)
     with pytest.raises(ValueError, match="does not fit"):
         PARAMS._replace(xr=8.0).validate(N)
+
+
+def test_same_seed_same_result(stack, full_run, tmp_path):
+    out_full, _ = full_run
+    pipeline.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test")
+    for name in ("particle_classes.txt", "all_parameters.txt"):
+        np.testing.assert_array_equal(np.loadtxt(tmp_path / name), np.loadtxt(out_full / name))
+
+
+def test_stability_criterion_is_pluggable(stack, tmp_path):
+    """A criterion is a value with one signature: one that calls every member stable accounts everything."""
+    from jisac import stability
+
+    def everyone_is_stable(runs, member, images=None, labels=None):
+        base = stability.pixel_error_stability_classes(runs, member, 1e9, float(RADIUS), 5)
+        return base._replace(stable=member)
+
+    everyone_is_stable.name = "everyone"
+    summary = pipeline.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test", criterion=everyone_is_stable)
+    assert summary["accounted_fraction"] == 1.0
+    with pytest.raises(ValueError, match="not a known criterion"):
+        stability.make_criterion("nope", 0.7, 29.0)

@@ -38,3 +38,16 @@ def test_two_classes_converge_and_are_stable(projections50):
             jax.tree.map(lambda a: a[:, members], stacked), jnp.ones(n_per, bool), 0.7, 29.0
         )
         assert float(np.asarray(res.stable).mean()) > 0.8
+
+
+def test_sharded_equals_single_device(projections50):
+    mesh = jax.make_mesh((2,), ("data",))
+    rng = np.random.default_rng(3)
+    labels = rng.integers(-1, 3, 40)
+    parts = np.asarray(synthetic.add_noise(jnp.asarray(projections50[rng.integers(0, 50, 40)]), 1.0, jax.random.key(3)))
+    wg = within_group.WithinGroupOptions(maxit=4)
+    a1, p1 = within_group.within_group_alignment(parts, labels, 3, jax.random.key(0), OPTIONS, wg)
+    a2, p2 = within_group.within_group_alignment(parts, labels, 3, jax.random.key(0), OPTIONS, wg, mesh=mesh)
+    np.testing.assert_allclose(a2, a1, atol=1e-4)
+    for f1, f2 in zip(p1, p2):
+        np.testing.assert_allclose(np.asarray(f2, np.float64), np.asarray(f1, np.float64), atol=2e-3)

@@ -1,0 +1,93 @@
+"""ISAC from a configuration on a RELION stack: STAR in, RELION/SPHIRE files out; bad input fails fast."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from jisac import config, filters, run, synthetic
+from jisac import transforms as T
+from jisac.io import hdf
+from jisac.io.star import write_stack_and_star
+
+BOX, RADIUS, N = 48, 18, 240
+
+
+@pytest.fixture(scope="module")
+def star_stack(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stack")
+    phantom = synthetic.make_phantom(radius=0.85 * RADIUS, seed=1)
+    rot, tilt = synthetic.hemisphere_directions(4)
+    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), BOX)
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, N)
+    q = T.make_transform(rng.uniform(0, 360, N), rng.uniform(-1, 1, N), rng.uniform(-1, 1, N), rng.integers(0, 2, N).astype(bool))
+    parts = np.asarray(synthetic.add_noise(T.apply_transform(views[truth], q), 0.3, jax.random.key(1)))
+    meta = pd.DataFrame({"rlnMicrographName": [f"mic{i % 7}.mrc" for i in range(N)], "myTruth": truth})
+    write_stack_and_star(folder / "particles.star", folder / "particles.mrcs", parts, meta, pixel_size=1.5)
+    return folder / "particles.star", truth
+
+
+def small_config(stack, out, **isac):
+    settings = dict(radius=RADIUS, img_per_grp=30, minimum_grp_size=20, target_radius=RADIUS, target_nx=BOX,
+                    maxit=10, init_iter=2, stab_ali=3, rand_seed=0)
+    settings.update(isac)
+    return config.JisacConfig(output_dir=str(out), data=config.DataConfig(stack=str(stack)), isac=config.IsacConfig(**settings))
+
+
+def test_star_in_relion_and_sphire_files_out(star_stack, tmp_path):
+    path, truth = star_stack
+    summary = run.run(small_config(path, tmp_path))
+    assert summary["accounted_fraction"] >= 0.5
+    particles = starfile.read(tmp_path / "particles.star")["particles"]
+    assert len(particles) == N
+    for column in ("rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "jisacMirror",
+                   "jisacPixelError", "rlnMicrographName", "myTruth", "rlnImageName"):
+        assert column in particles.columns, column
+    np.testing.assert_array_equal(particles["myTruth"].to_numpy(), truth)  # input order and columns carried
+    classes = particles["rlnClassNumber"].to_numpy()
+    accounted = starfile.read(tmp_path / "accounted.star")["particles"]
+    assert len(accounted) == (classes > 0).sum()
+    # each class mostly holds one view
+    purity = [np.bincount(truth[classes == c]).max() / (classes == c).sum() for c in np.unique(classes[classes > 0])]
+    assert np.mean(purity) > 0.85
+    # the HDF averages carry their members, the same as particles.star says
+    headers = hdf.read_hdf_headers(tmp_path / "ordered_class_averages.hdf")
+    assert len(headers) == summary["classes"]
+    for k, h in enumerate(headers):
+        members = np.sort(np.atleast_1d(h["members"]))
+        np.testing.assert_array_equal(members, np.nonzero(classes == k + 1)[0])
+        assert int(np.atleast_1d(h["n_objects"])[0]) == len(members)
+    model = starfile.read(tmp_path / "class_averages.star")
+    assert len(model) == summary["classes"]
+    # the particle centres found are within a pixel or two of the truth, up to one offset per class (the
+    # class average's own centre is arbitrary)
+    assert np.abs(particles["rlnOriginXAngst"].to_numpy()).max() < 1.5 * 6
+
+
+def test_bad_input_fails_before_work(star_stack, tmp_path):
+    path, _ = star_stack
+    with pytest.raises(ValueError, match="isac.radius is required"):
+        run.run(small_config(path, tmp_path, radius=None))
+    with pytest.raises(ValueError, match="minimum_grp_size"):
+        run.run(small_config(path, tmp_path, minimum_grp_size=40))
+    with pytest.raises(ValueError, match="rlnDefocusU"):
+        run.run(small_config(path, tmp_path, ctf=True))
+    with pytest.raises(ValueError, match="between 1 and half the box"):
+        run.run(small_config(path, tmp_path, radius=30))
+    with pytest.raises(FileNotFoundError, match="nothing.star"):
+        run.run(small_config(tmp_path / "nothing.star", tmp_path))
+
+
+def test_command_line_reports_one_line_errors(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jisac", f"data.stack={tmp_path}/missing.star", "isac.radius=10", f"output_dir={tmp_path}/o"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "jisac: error:" in proc.stderr and "missing.star" in proc.stderr
+    assert "Traceback" not in proc.stderr
