@@ -80,6 +80,7 @@ def run(cfg: config.JisacConfig) -> dict:
     s = prep.shrink_ratio
     log.info("%d particles, %d px box, %.3f A/px, radius %d px -> shrink ratio %.4f", n, box, pixel_size, radius, s)
     timings = {}
+    keep = _finite_particles(stack, cfg.data.drop_nonfinite)
 
     # Pre-alignment: shrunk copies without cropping, centring shifts in original pixels.
     if cfg.isac.skip_prealignment:
@@ -94,8 +95,9 @@ def run(cfg: config.JisacConfig) -> dict:
             raise ValueError(f"{err}; set isac.skip_prealignment=true or a smaller isac.target_radius") from None
         import jax
 
-        shifts_shrunk = prealign.prealign(
-            np.asarray(copies.images), p.target_radius, jax.random.fold_in(jax.random.key(cfg.isac.rand_seed), 0),
+        shifts_shrunk = np.zeros((n, 2), np.float32)
+        shifts_shrunk[keep] = prealign.prealign(
+            np.asarray(copies.images)[keep], p.target_radius, jax.random.fold_in(jax.random.key(cfg.isac.rand_seed), 0),
             mesh=devices.data_mesh(), progress=log.info,
         )
         shifts = (shifts_shrunk / s).astype(np.float32)
@@ -103,7 +105,7 @@ def run(cfg: config.JisacConfig) -> dict:
 
     t = time.perf_counter()
     working = _working_stack(stack, prep, ctf_params, shifts, pixel_size)
-    images = np.asarray(working.images)
+    images = np.asarray(working.images)[keep]
     timings["working_stack"] = round(time.perf_counter() - t, 2)
     log.info("working stack: %d x %d px (%.1f s)", len(images), p.target_nx, timings["working_stack"])
 
@@ -112,7 +114,7 @@ def run(cfg: config.JisacConfig) -> dict:
         images, p, out, seed=cfg.isac.rand_seed, data_id=repr(data_id), restart=cfg.isac.restart,
         mesh=devices.data_mesh(), criterion=cfg.stability.criterion(cfg.isac),
     )
-    write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size)
+    write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size, keep)
     timings["total"] = round(time.perf_counter() - t0, 2)
     summary["seconds"].update(timings)
     summary["input"] = str(path)
@@ -120,9 +122,46 @@ def run(cfg: config.JisacConfig) -> dict:
     return summary
 
 
-def write_relion_and_sphire(out: Path, stack, summary: dict, p, shifts: np.ndarray, s: float, pixel_size: float):
-    """particles.star, accounted.star, class_averages.star and ordered_class_averages.hdf from the run's files."""
+def _finite_particles(stack, drop: bool) -> np.ndarray:
+    """Indices of the particles without NaN/Inf pixels; stops with one line naming them unless ``drop``."""
+    bad = []
+    for idx, images in stack.iter_batches(1024):
+        finite = np.isfinite(np.asarray(images).reshape(len(images), -1)).all(1)
+        bad.extend(np.asarray(idx)[~finite].tolist())
+    if bad and not drop:
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        raise io.StackError(
+            f"{stack.source}: {len(bad)} particle(s) have NaN or Inf pixels (0-based indices {shown}); remove them "
+            "or set data.drop_nonfinite=true to leave them out"
+        )
+    if bad:
+        log.warning("leaving out %d particle(s) with NaN or Inf pixels (data.drop_nonfinite=true)", len(bad))
+    return np.setdiff1d(np.arange(len(stack)), np.asarray(bad, np.int64))
+
+
+def _expand_bookkeeping(out: Path, n: int, keep: np.ndarray):
+    """Rewrites the per-particle files of a run on the kept particles for the whole input stack."""
+    classes = np.loadtxt(out / "particle_classes.txt", ndmin=2)
+    params = np.loadtxt(out / "all_parameters.txt", ndmin=2)
+    full_classes = np.zeros((n, 2))
+    full_classes[:, 1] = np.nan
+    full_params = np.tile([0.0, 0.0, 0.0, -1.0], (n, 1))
+    full_classes[keep], full_params[keep] = classes, params
+    from jisac.pipeline import _write_table
+
+    _write_table(out / "particle_classes.txt", full_classes, ["%d", "%.4f"])
+    _write_table(out / "all_parameters.txt", full_params, ["%.4f", "%.4f", "%.4f", "%d"])
+    _write_table(out / "processed_images.txt", np.nonzero(full_classes[:, 0] > 0)[0], "%d")
+    _write_table(out / "not_processed_images.txt", np.nonzero(full_classes[:, 0] == 0)[0], "%d")
+
+
+def write_relion_and_sphire(out: Path, stack, summary: dict, p, shifts: np.ndarray, s: float, pixel_size: float,
+                            keep: np.ndarray | None = None):
+    """particles.star, accounted.star, class_averages.star and ordered_class_averages.hdf from the run's files
+    (``keep``: the input indices the run classified, when particles were left out)."""
     n = len(stack)
+    if keep is not None and len(keep) < n:
+        _expand_bookkeeping(out, n, keep)
     classes = np.loadtxt(out / "particle_classes.txt", ndmin=2)
     class_number = classes[:, 0].astype(int)
     errors = classes[:, 1]
