@@ -19,6 +19,20 @@ log = logging.getLogger("jisac")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+DEMO_INIT_ITER = 3  # SAC rounds per generation in the demo unless isac.init_iter is given (ISAC's default: 7)
+
+
+def _demo_schedule(typed: config.JisacConfig) -> None:
+    """The demo runs 3 SAC rounds per generation (not 7) so it ends in minutes on a laptop CPU; an explicit
+    ``isac.init_iter=...`` on the command line wins."""
+    from hydra.core.hydra_config import HydraConfig
+
+    given = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    if "isac.init_iter" not in given:
+        typed.isac.init_iter = DEMO_INIT_ITER
+        log.info("demo: isac.init_iter=%d (ISAC's default is 7; set it to override)", DEMO_INIT_ITER)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg) -> float:
     try:
@@ -32,6 +46,8 @@ def main(cfg) -> float:
             return run_alignment_demo(typed)["view_accuracy"]
         if typed.demo.kind not in ("isac", "alignment"):
             raise ValueError(f"demo.kind must be 'isac' or 'alignment' (got {typed.demo.kind!r})")
+        if typed.data.stack is None:
+            _demo_schedule(typed)
         from jisac.run import run
 
         summary = run(typed)

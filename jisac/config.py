@@ -102,7 +102,7 @@ class DemoConfig:
     kind: str = "isac"  # "isac": classify the demo stack; "alignment": align noisy views to the clean ones
     n_views: int = 4
     n_particles: int = 800  # 4 classes at ISAC's default img_per_grp (200): a few minutes on a 2-core CPU
-    snr: float = 0.6  # signal variance / noise variance over the image (after the CTF)
+    snr: float = 0.3  # signal variance / noise variance over the image (after the CTF)
     max_shift: float = 2.0  # particles are off-centre by up to this many pixels in x and y
 
 

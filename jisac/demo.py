@@ -42,7 +42,14 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jisac"
 
 
-def demo_stack(demo: config.DemoConfig, folder: Path | None = None, seed: int = 0) -> tuple[Path, int]:
+def demo_stack(
+    demo: config.DemoConfig,
+    folder: Path | None = None,
+    seed: int = 0,
+    box: int = DEMO_BOX,
+    radius: int = DEMO_RADIUS,
+    pixel_size: float = DEMO_PIXEL,
+) -> tuple[Path, int]:
     """``(particles.star path, particle radius in px)`` of the demo stack, made on first use and cached.
 
     Particles: ``demo.n_particles`` projections of the phantom along ``demo.n_views`` well-spread directions,
@@ -51,19 +58,19 @@ def demo_stack(demo: config.DemoConfig, folder: Path | None = None, seed: int = 
     with up to 0.1 um astigmatism) and given white noise at ``demo.snr``. Extra columns ``jisacTrueView`` and
     ``jisacTrueDirectionX/Y/Z`` hold the truth.
     """
-    settings = {"n_views": demo.n_views, "n_particles": demo.n_particles, "snr": demo.snr,
-                "max_shift": demo.max_shift, "seed": seed, "box": DEMO_BOX, "radius": DEMO_RADIUS, "version": 1}
+    settings = {"n_views": demo.n_views, "n_particles": demo.n_particles, "snr": demo.snr, "max_shift": demo.max_shift,
+                "seed": seed, "box": box, "radius": radius, "pixel_size": pixel_size, "version": 1}
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     folder = (folder or cache_folder()) / f"demo-{tag}"
     star_path = folder / "particles.star"
     if star_path.exists():
-        return star_path, DEMO_RADIUS
+        return star_path, radius
     t0 = time.perf_counter()
     n = demo.n_particles
     keys = jax.random.split(jax.random.key(seed), 8)
-    phantom = synthetic.make_phantom(radius=0.9 * DEMO_RADIUS, seed=seed)
+    phantom = synthetic.make_phantom(radius=0.9 * radius, seed=seed)
     rot, tilt = synthetic.hemisphere_directions(demo.n_views)
-    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0.0), DEMO_BOX)
+    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0.0), box)
     truth = np.asarray(jax.random.randint(keys[0], (n,), 0, demo.n_views))
     moves = T.make_transform(
         jax.random.uniform(keys[1], (n,), maxval=360.0),
@@ -74,7 +81,7 @@ def demo_stack(demo: config.DemoConfig, folder: Path | None = None, seed: int = 
     rng = np.random.default_rng(seed)
     defocus = rng.uniform(10000.0, 25000.0, n)
     astig = rng.uniform(0.0, 1000.0, n)
-    params = ctf.make_ctf_params(defocus + astig / 2, defocus - astig / 2, rng.uniform(0, 180, n), pixel_size_angst=DEMO_PIXEL)
+    params = ctf.make_ctf_params(defocus + astig / 2, defocus - astig / 2, rng.uniform(0, 180, n), pixel_size_angst=pixel_size)
     images = ctf.apply_ctf(T.apply_transform(views[truth], moves), params)
     images = np.asarray(synthetic.add_noise(images, demo.snr, keys[5]))
     directions = synthetic.euler_to_matrix(rot, tilt, 0.0)[:, 2]
@@ -98,14 +105,14 @@ def demo_stack(demo: config.DemoConfig, folder: Path | None = None, seed: int = 
     tmp = folder.with_name(folder.name + f".{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_stack_and_star(tmp / "particles.star", tmp / "particles.mrcs", images, metadata, pixel_size=DEMO_PIXEL)
+    write_stack_and_star(tmp / "particles.star", tmp / "particles.mrcs", images, metadata, pixel_size=pixel_size)
     try:
         os.replace(tmp, folder)  # the cached stack appears complete or not at all
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another process made it first
     log.info("made the demo stack (%d particles, %d views, %d px, SNR %.2g, CTF) in %.1f s: %s",
-             n, demo.n_views, DEMO_BOX, demo.snr, time.perf_counter() - t0, star_path)
-    return star_path, DEMO_RADIUS
+             n, demo.n_views, box, demo.snr, time.perf_counter() - t0, star_path)
+    return star_path, radius
 
 
 def _angle_error(a, b):
