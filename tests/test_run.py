@@ -93,6 +93,7 @@ def test_command_line_reports_one_line_errors(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN values")
 def test_nan_particles_stop_the_run_or_are_left_out(tmp_path):
     rng = np.random.default_rng(5)
     images = rng.standard_normal((70, 32, 32)).astype(np.float32)
@@ -108,3 +109,42 @@ def test_nan_particles_stop_the_run_or_are_left_out(tmp_path):
 
     stack = io.open_stack(tmp_path / "p.star")
     np.testing.assert_array_equal(run._finite_particles(stack, drop=True), np.setdiff1d(np.arange(70), [3, 40]))
+
+
+def test_killed_process_restarts_to_the_same_result(tmp_path):
+    """SIGKILL a real ``python -m jisac`` once its first generation is checkpointed; the same command again
+    finishes with exactly the classes of an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    phantom = synthetic.make_phantom(radius=0.85 * RADIUS, seed=1)
+    rot, tilt = synthetic.hemisphere_directions(4)
+    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), BOX)
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, N)
+    q = T.make_transform(rng.uniform(0, 360, N), 0.0, 0.0, rng.integers(0, 2, N).astype(bool))
+    parts = np.asarray(synthetic.add_noise(T.apply_transform(views[truth], q), 0.15, jax.random.key(1)))
+    write_stack_and_star(tmp_path / "p.star", tmp_path / "p.mrcs", parts, pixel_size=1.5)
+
+    def command(out):
+        return [sys.executable, "-m", "jisac", f"data.stack={tmp_path / 'p.star'}", f"output_dir={out}",
+                f"isac.radius={RADIUS}", f"isac.target_radius={RADIUS}", f"isac.target_nx={BOX}", "isac.img_per_grp=30",
+                "isac.minimum_grp_size=25", "isac.maxit=10", "isac.init_iter=2", "isac.stab_ali=3",
+                "isac.skip_prealignment=true"]
+
+    subprocess.run(command(tmp_path / "full"), check=True, capture_output=True, timeout=600)
+    generations = len(np.atleast_1d(__import__("json").loads((tmp_path / "full" / "summary.json").read_text())["generations"]))
+    assert generations >= 2, "the data must need more than one generation for this test"
+    victim = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "killed" / "main001" / "generation001" / "finished"
+    deadline = time.time() + 600
+    while not marker.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.2)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, timeout=600)
+    for name in ("particle_classes.txt", "all_parameters.txt"):
+        np.testing.assert_array_equal(np.loadtxt(tmp_path / "killed" / name), np.loadtxt(tmp_path / "full" / name))
