@@ -244,14 +244,11 @@ def run_generation(
         references = filters.tanh_lowpass(average.class_averages(images, avg_params, avg_labels, k), p.fh, p.ff)
         for c, cls in enumerate(classes):
             cls.average = np.asarray(references[c])
-        # stable members take their averaged parameters
-        stable_idx = np.concatenate([c.members for c in classes]).astype(np.int64)
-        stable_params = jax.tree.map(lambda *a: np.concatenate(a), *[c.params for c in classes])
-        params = Transform2D(*(np.asarray(f).copy() for f in params))
-        for f_all, f_st in zip(params, stable_params):
-            f_all[stable_idx] = f_st
-        params = Transform2D(*map(jnp.asarray, params))
-        n_stable = len(stable_idx)
+        # stable members take their averaged parameters (already gathered in avg_params)
+        is_stable = np.zeros(n, bool)
+        is_stable[np.concatenate([c.members for c in classes]).astype(np.int64)] = True
+        params = Transform2D(*(jnp.where(is_stable, a, f) for a, f in zip(avg_params, params)))
+        n_stable = int(is_stable.sum())
         say(f"SAC round {sac_round}: {n_stable}/{n} particles stable in {k} classes")
         # 8. convergence of the stable member sets
         if previous:

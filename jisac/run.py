@@ -20,12 +20,15 @@ import os
 import time
 from pathlib import Path
 
+import jax
+import mrcfile
 import numpy as np
 import pandas as pd
+import starfile
 
 from jisac import config, ctf, devices, io, pipeline, prealign, preprocess
 from jisac.io import hdf, star
-from jisac.io.atomic import write_json
+from jisac.io.atomic import atomic_path, write_json
 from jisac.transforms import Transform2D, compose, make_transform, to_relion
 
 log = logging.getLogger("jisac")
@@ -93,8 +96,6 @@ def run(cfg: config.JisacConfig) -> dict:
             prealign.search_stages(shrunk_box, p.target_radius)
         except ValueError as err:
             raise ValueError(f"{err}; set isac.skip_prealignment=true or a smaller isac.target_radius") from None
-        import jax
-
         shifts_shrunk = np.zeros((n, 2), np.float32)
         shifts_shrunk[keep] = prealign.prealign(
             np.asarray(copies.images)[keep], p.target_radius, jax.random.fold_in(jax.random.key(cfg.isac.rand_seed), 0),
@@ -147,8 +148,7 @@ def _expand_bookkeeping(out: Path, n: int, keep: np.ndarray):
     full_classes[:, 1] = np.nan
     full_params = np.tile([0.0, 0.0, 0.0, -1.0], (n, 1))
     full_classes[keep], full_params[keep] = classes, params
-    from jisac.pipeline import _write_table
-
+    _write_table = pipeline._write_table
     _write_table(out / "particle_classes.txt", full_classes, ["%d", "%.4f"])
     _write_table(out / "all_parameters.txt", full_params, ["%.4f", "%.4f", "%.4f", "%d"])
     _write_table(out / "processed_images.txt", np.nonzero(full_classes[:, 0] > 0)[0], "%d")
@@ -187,8 +187,6 @@ def write_relion_and_sphire(out: Path, stack, summary: dict, p, shifts: np.ndarr
             new[accounted].reset_index(drop=True), pixel_size=pixel_size, box_size=stack.box_size,
         )
     if summary["classes"]:
-        import mrcfile
-
         averages = mrcfile.read(out / "class_averages.mrcs")
         averages = averages[None] if averages.ndim == 2 else averages
         members = [np.nonzero(class_number == k + 1)[0] for k in range(len(averages))]
@@ -200,8 +198,5 @@ def write_relion_and_sphire(out: Path, stack, summary: dict, p, shifts: np.ndarr
             "rlnClassDistribution": [len(m) / n for m in members],
             "jisacMembers": [len(m) for m in members],
         })
-        from jisac.io.atomic import atomic_path
-        import starfile
-
         with atomic_path(out / "class_averages.star") as tmp:
             starfile.write({"model_classes": table}, tmp)
