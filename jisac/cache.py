@@ -55,7 +55,7 @@ def data_digest() -> "hashlib._Hash":
 def update_digest(digest, images: np.ndarray) -> None:
     """Adds a batch of images ``(b, ny, nx)`` to ``digest`` (as little-endian float32, so the same pixels give the
     same key whatever the file's own dtype or byte order)."""
-    digest.update(np.ascontiguousarray(images, dtype="<f4").tobytes())
+    digest.update(np.ascontiguousarray(images, dtype="<f4"))  # the buffer itself: no copy when already float32
 
 
 def make_key(pixels_sha256: str, settings: dict, ctf_params=None) -> tuple[str, dict]:
