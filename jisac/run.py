@@ -3,7 +3,8 @@
 Steps (``shared/isac_algorithm.md`` §3, §10): open the stack (STAR, MRCS, HDF or .cs; the built-in demo stack when
 none is given) and check everything that can be checked before heavy work; pre-align shrunk copies for centring
 (§3.1); prepare the working stack (phase flip, shift, shrink to ``target_radius``, box ``target_nx``, normalise;
-§3.2); classify with checkpoints (``pipeline.classify``); then write the field's formats:
+§3.2) — both reused from the preprocessing cache (``jisac.cache``) when an earlier run made them; classify with
+checkpoints (``pipeline.classify``); then write the field's formats:
 
 - ``ordered_class_averages.hdf``: EMAN2/SPHIRE HDF, ``EMAN.members`` (0-based input indices) and ``EMAN.n_objects``;
 - ``class_averages.mrcs`` + ``class_averages.star``: the same averages, class k at index k-1;

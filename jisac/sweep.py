@@ -114,7 +114,8 @@ def _overrides(folder: Path) -> dict[str, str]:
     pairs = {}
     for item in OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "overrides.yaml")) or []:
         key, _, value = str(item).partition("=")
-        pairs[key.lstrip("+~")] = value
+        # Hydra saves an interpolation given on the command line escaped (${a} as $\{a\}); show it as typed
+        pairs[key.lstrip("+~")] = value.replace("\\{", "{").replace("\\}", "}")
     return pairs
 
 
