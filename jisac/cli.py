@@ -37,9 +37,9 @@ def _demo_schedule(typed: config.JisacConfig) -> None:
 def main(cfg) -> float:
     try:
         typed: config.JisacConfig = OmegaConf.to_object(cfg)
-        from jisac import devices
+        from jisac import hardware
 
-        devices.use_all_cpu_cores()  # before any JAX computation
+        hardware.setup(typed.hardware)  # before any JAX computation: devices, jax.distributed
         if typed.data.stack is None and typed.demo.kind == "alignment":
             from jisac.demo import run_alignment_demo
 
