@@ -307,11 +307,12 @@ def plan(budget: Budget, options, n_references: int, box: int, n_devices: int) -
 
 
 def working_stack_on_disk(n: int, box: int, budget: Budget, output_dir):
-    """Where to memory-map the ``(n, box, box)`` float32 working stack when it is above half the host budget
-    (``<output_dir>/scratch/working_stack.mrcs``), else None (kept in memory)."""
+    """Where to memory-map the ``(n, box, box)`` float32 working stack when it is above half the host budget or
+    the run has several processes (process 0 prepares it once, every process maps it and reads its own rows):
+    ``<output_dir>/scratch/working_stack.mrcs``; else None (kept in memory)."""
     from pathlib import Path
 
-    if n * box * box * 4 <= budget.host_bytes // 2:
+    if n * box * box * 4 <= budget.host_bytes // 2 and jax.process_count() == 1:
         return None
     return Path(output_dir) / "scratch" / "working_stack.mrcs"
 
