@@ -334,11 +334,15 @@ def _sharded(fn, mesh, options: AlignOptions, n_split: int = 2):
 
 
 def _iterate_chunks(fn, images, params, bank, options: AlignOptions, particle_chunk: int, progress, mesh, labels=None):
-    """Host loop over fixed-size particle chunks (the last one padded), returning the concatenated outputs.
+    """Host loop over fixed-size particle chunks (the last one padded), returning the outputs as host arrays.
 
     ``fn(images, centres, [labels,] bank, options)``. With a mesh, each chunk is split evenly over its devices
-    (one shard per device) and the bank is replicated; results are identical to the single-device run.
+    (one shard per device; with several processes each reads only its devices' rows) and the bank is
+    replicated; results are identical to the single-device run. Outputs are written into preallocated host
+    arrays (no concatenated copies).
     """
+    from jisac import hardware
+
     n = images.shape[0]
     n_dev = 1 if mesh is None else mesh.size
     step = options.particle_batch * n_dev
@@ -353,24 +357,24 @@ def _iterate_chunks(fn, images, params, bank, options: AlignOptions, particle_ch
         call = lambda *per_particle: fn(*map(jnp.asarray, per_particle), bank, options)  # noqa: E731
     else:
         sharded = _sharded(fn, mesh, options, 2 if labels is None else 3)
-        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
-        bank_rep = jax.device_put(bank, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        call = lambda *per_particle: sharded(*(jax.device_put(a, split) for a in per_particle), bank_rep)  # noqa: E731
-    outs = []
+        bank_rep = hardware.replicate(bank, mesh)
+        call = lambda *per_particle: sharded(*hardware.put_rows(per_particle, mesh), bank_rep)  # noqa: E731
+    outs = None
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        per_particle = [np.asarray(images[start:stop], np.float32), centres[start:stop]]
+        # Padded to the static chunk shape so there is one compilation whatever n is.
+        per_particle = [hardware.RowRange(images, start, stop, chunk), hardware.pad_rows(centres[start:stop], chunk)]
         if labels is not None:
-            per_particle.append(np.asarray(labels[start:stop], np.int32))
-        if stop - start < chunk:
-            # Pad to the static chunk shape so there is one compilation whatever n is.
-            pad = chunk - (stop - start)
-            per_particle = [np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in per_particle]
-        out = call(*per_particle)
-        outs.append(jax.tree.map(lambda a, m=stop - start: np.asarray(a)[:m], out))
+            per_particle.append(hardware.pad_rows(np.asarray(labels[start:stop], np.int32), chunk))
+        if mesh is None:
+            per_particle[0] = per_particle[0][:]
+        out = jax.tree.map(hardware.fetch, call(*per_particle))
+        if outs is None:
+            outs = jax.tree.map(lambda a: np.empty((n,) + a.shape[1:], a.dtype), out)
+        jax.tree.map(lambda dst, src, a=start, b=stop: dst.__setitem__(slice(a, b), src[: b - a]), outs, out)
         if progress is not None:
             progress(stop, n)
-    return jax.tree.map(lambda *a: jnp.asarray(np.concatenate(a, 0)), *outs)
+    return outs
 
 
 def align_to_references(
@@ -399,7 +403,8 @@ def align_to_references(
     Returns:
         ``Alignment`` with fields of shape ``(n,)``: params bring each particle onto its reference.
     """
-    k, params_, score = _iterate_chunks(_best_chunk, images, params, bank, options, particle_chunk, progress, mesh)
+    out = _iterate_chunks(_best_chunk, images, params, bank, options, particle_chunk, progress, mesh)
+    k, params_, score = jax.tree.map(jnp.asarray, out)
     return Alignment(k, params_, score)
 
 
@@ -416,7 +421,8 @@ def alignment_table(
     """Best parameters and score of every (particle, reference) pair: fields of shape ``(n, k)``.
 
     Arguments as ``align_to_references``; ``n_references`` trims the padding references of the last chunk
-    (default: all valid references).
+    (default: all valid references). The table is returned as host (NumPy) arrays: for big ``n k`` it is the
+    largest thing a generation holds.
     """
     params_, score = _iterate_chunks(_table_chunk, images, params, bank, options, particle_chunk, progress, mesh)
     k = int(np.asarray(bank.valid).sum()) if n_references is None else n_references
@@ -473,7 +479,8 @@ def align_to_assigned(
     Returns:
         ``(params, score)`` with fields of shape ``(n,)``.
     """
-    return _iterate_chunks(_paired_chunk, images, params, spectra, options, particle_chunk, None, mesh, labels)
+    out = _iterate_chunks(_paired_chunk, images, params, spectra, options, particle_chunk, None, mesh, labels)
+    return jax.tree.map(jnp.asarray, out)
 
 
 def chunk_sizes_for_budget(

@@ -84,7 +84,8 @@ def load(folder: Path, key: str) -> dict[str, np.ndarray] | None:
     if not (entry / "info.json").exists():
         return None
     try:
-        return {name: np.load(entry / f"{name}.npy") for name in ARRAYS}
+        # memory-mapped: a large working stack streams from the cache as from the scratch file
+        return {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     except (OSError, ValueError) as err:  # a damaged entry is a miss, not a failed run
         log.warning("preprocessing cache entry %s is unreadable (%s): recomputing", entry, err)
         return None

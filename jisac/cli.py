@@ -41,9 +41,9 @@ def main(cfg) -> float:
         typed: config.JisacConfig = OmegaConf.to_object(cfg)
         if job is not None:  # output_dir names the sweep folder; each run writes into its own job folder there
             typed.output_dir = str(job.folder)
-        from jisac import devices
+        from jisac import hardware
 
-        devices.use_all_cpu_cores()  # before any JAX computation
+        hardware.setup(typed.hardware)  # before any JAX computation: devices, jax.distributed
         if typed.data.stack is None and typed.demo.kind == "alignment":
             from jisac.demo import run_alignment_demo
 

@@ -7,7 +7,7 @@ Defaults and names follow SPHIRE's ``sp_isac2.py`` in lower case (``shared/isac_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -91,10 +91,37 @@ class AlignConfig:
     ring_step: int = 1  # SPHIRE --rs
     n_angles: int = 256  # samples per ring (GPU ISAC)
     bandlimit: bool = True  # skip angular frequencies above ceil(pi r) + 1 on ring r
+    # Preferred chunk sizes (fastest measured on CPU); hardware.memory_budget_mb lowers them when needed.
     particle_batch: int = 4  # particles per inner step inside one jitted call
     reference_chunk: int = 50  # references per inner step
-    particle_chunk: int = 512  # particles per jitted call (host side)
-    memory_budget_mb: int = 1024  # caps particle_batch x reference_chunk intermediates
+    particle_chunk: int = 256  # particles per jitted call and device (host side)
+
+
+@dataclass
+class HardwareConfig:
+    """Where the work runs (``jisac.hardware``): devices, memory budgets, several processes."""
+
+    devices: Any = "all"  # "all" or a list of device ids as in jax.devices(), e.g. [0,1] (GPU ISAC's --gpu_devices)
+    memory_budget_mb: int = 1024  # per device: sets the MRA's and within-group chunk sizes
+    host_memory_budget_mb: int = 8192  # per process: a working stack above half of it is memory-mapped from disk
+    distributed: str = "auto"  # auto|true|false: jax.distributed.initialize() (auto: under SLURM / Open MPI)
+    coordinator_address: Optional[str] = None  # host:port of process 0 (else detected from SLURM / Open MPI)
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+    def budget(self, align: "AlignConfig"):
+        """The ``hardware.Budget`` for these budgets and ``align``'s preferred chunk sizes (validated)."""
+        from jisac.hardware import Budget, parse_device_ids
+
+        for name in ("memory_budget_mb", "host_memory_budget_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"hardware.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("particle_batch", "reference_chunk", "particle_chunk"):
+            if getattr(align, name) < 1:
+                raise ValueError(f"align.{name} must be >= 1 (got {getattr(align, name)})")
+        parse_device_ids(self.devices)
+        return Budget(self.memory_budget_mb << 20, self.host_memory_budget_mb << 20, align.particle_batch,
+                      align.reference_chunk, align.particle_chunk)
 
 
 @dataclass
@@ -128,6 +155,7 @@ class JisacConfig:
     data: DataConfig = field(default_factory=DataConfig)
     isac: IsacConfig = field(default_factory=IsacConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -138,7 +166,8 @@ def register() -> None:
     store.store(group="stability", name="pixel_error", node=StabilityConfig(name="pixel_error"))
 
 
-def align_options(isac: IsacConfig, align: AlignConfig, n_references: int | None = None) -> AlignOptions:
+def align_options(isac: IsacConfig, align: AlignConfig, n_references: int | None = None,
+                  memory_budget_mb: int = 1024) -> AlignOptions:
     """Validated ``AlignOptions`` for the multi-reference search. Raises ``ValueError`` naming the parameter."""
     geometry = RingGeometry(
         first_ring=align.first_ring,
@@ -162,13 +191,15 @@ def align_options(isac: IsacConfig, align: AlignConfig, n_references: int | None
             f"isac.target_radius ({isac.target_radius}) + isac.xr/yr ({max(grid.xr, grid.yr)}) does not fit in "
             f"isac.target_nx ({isac.target_nx}): rings would leave the box; lower xr or target_radius"
         )
-    for name in ("particle_batch", "reference_chunk", "particle_chunk", "memory_budget_mb"):
+    for name in ("particle_batch", "reference_chunk", "particle_chunk"):
         if getattr(align, name) < 1:
             raise ValueError(f"align.{name} must be >= 1 (got {getattr(align, name)})")
+    if memory_budget_mb < 1:
+        raise ValueError(f"hardware.memory_budget_mb must be >= 1 (got {memory_budget_mb})")
     options = AlignOptions(
         geometry=geometry, grid=grid, particle_batch=align.particle_batch, reference_chunk=align.reference_chunk
     )
     batch, chunk = chunk_sizes_for_budget(
-        n_references or align.reference_chunk, options, memory_budget_bytes=align.memory_budget_mb << 20
+        n_references or align.reference_chunk, options, memory_budget_bytes=memory_budget_mb << 20
     )
     return options._replace(particle_batch=batch, reference_chunk=chunk)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, average, config, ctf, devices, filters, synthetic
+from jisac import align, average, config, ctf, filters, hardware, synthetic
 from jisac import transforms as T
 from jisac.io.atomic import write_json
 from jisac.io.mrc import write_stack
@@ -148,7 +148,8 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
         raise ValueError("demo.n_views and demo.n_particles must be >= 1")
     if demo.snr <= 0:
         raise ValueError(f"demo.snr must be > 0 (got {demo.snr})")
-    options = config.align_options(isac, cfg.align, n_references=demo.n_views)
+    options = config.align_options(isac, cfg.align, n_references=demo.n_views,
+                                   memory_budget_mb=cfg.hardware.memory_budget_mb)
     out = Path(cfg.output_dir)
     t0 = time.perf_counter()
     views, particles, truth, moves = make_demo_particles(isac, demo)
@@ -165,10 +166,10 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
     def progress(done, total):
         log.info("aligned %d/%d particles to %d views (%.1f s)", done, total, demo.n_views, time.perf_counter() - t1)
 
-    mesh = devices.data_mesh()
+    mesh = hardware.mesh_from_config(cfg.hardware)
     log.info("aligning on %d %s device(s)", mesh.size, jax.devices()[0].platform)
     result = align.align_to_references(
-        particles, bank, options, particle_chunk=cfg.align.particle_chunk, progress=progress, mesh=mesh
+        particles, bank, options, particle_chunk=cfg.align.particle_chunk * mesh.size, progress=progress, mesh=mesh
     )
     result = jax.block_until_ready(result)
     t_align = time.perf_counter() - t1
@@ -183,7 +184,7 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
     centre_err = np.hypot(*(centre_found - centre_true).T)
     mirror_ok = np.asarray(result.params.mirror) == np.asarray(moves.mirror)
 
-    averages = average.class_averages(particles, result.params, found, demo.n_views)
+    averages = average.class_averages(particles, result.params, found, demo.n_views, mesh=mesh)
     write_stack(out / "class_averages.mrcs", averages)
     write_stack(out / "views.mrcs", views)
     summary = {

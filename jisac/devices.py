@@ -27,6 +27,8 @@ def use_all_cpu_cores() -> None:
 
 
 def data_mesh(devices=None) -> jax.sharding.Mesh:
-    """A one-axis mesh named ``data`` over ``devices`` (default: every device of the default backend)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return jax.sharding.Mesh(devices, ("data",))
+    """A one-axis mesh named ``data`` over ``devices`` (default: every device of the default backend);
+    ``jisac.hardware.data_mesh``."""
+    from jisac import hardware
+
+    return hardware.data_mesh(devices)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, average, filters, stability, within_group
+from jisac import align, average, filters, hardware, stability, within_group
 from jisac.eqkmeans import assign_equal_size
 from jisac.transforms import Transform2D, apply_transform, compose, identity, make_transform, particle_centre
 
@@ -158,11 +158,14 @@ def run_generation(
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[str], None] | None = None,
     criterion=None,
+    budget: hardware.Budget | None = None,
 ) -> GenerationResult:
-    """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default).
+    """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default; NumPy,
+    a memory map or a lazy ``hardware.Rows`` view).
 
     ``criterion``: a stability criterion (``stability.make_criterion``); default ISAC2's pixel error with
-    ``p.thld_err`` and the particle radius ``p.target_radius``.
+    ``p.thld_err`` and the particle radius ``p.target_radius``. ``budget``: memory budgets that set the chunk
+    sizes (``hardware.plan``); results do not depend on it, nor on the mesh's device count.
     """
     if criterion is None:
         criterion = stability.pixel_error_criterion(p.thld_err, float(p.target_radius))
@@ -172,6 +175,8 @@ def run_generation(
     k = n // p.img_per_grp
     mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
     options = p.align_options(k)
+    plan = hardware.plan(budget or hardware.Budget(), options, k, p.target_nx, 1 if mesh is None else mesh.size)
+    options = options._replace(particle_batch=plan.particle_batch, reference_chunk=plan.reference_chunk)
     wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre)
     k_init, key = jax.random.split(key)
     references = jnp.asarray(images[np.asarray(jax.random.choice(k_init, n, (k,), replace=False))])
@@ -188,12 +193,14 @@ def run_generation(
             far = (np.abs(cx) > p.max_centre) | (np.abs(cy) > p.max_centre)
             params = Transform2D(*(jnp.where(far, jnp.zeros_like(f), f) for f in params))
             bank = align.prepare_references(filters.subtract_masked_mean(references, mask), options)
-            table = align.alignment_table(images, bank, options, params=params, mesh=mesh)
+            table = align.alignment_table(images, bank, options, params=params, mesh=mesh,
+                                          particle_chunk=plan.particle_chunk)
             # 3. equal-size assignment
             labels = np.asarray(assign_equal_size(table.score))
-            params = jax.tree.map(lambda a: jnp.take_along_axis(a, jnp.asarray(labels)[:, None], 1)[:, 0], table.params)
+            params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[np.arange(n), labels]), table.params)
+            del table
             # 4. filtered, centred averages
-            averages = average.class_averages(images, params, labels, k)
+            averages = average.class_averages(images, params, labels, k, mesh=mesh)
             averages = filters.tanh_lowpass(averages, cutoff, p.ff)
             averages, params = _recentre(averages, params, labels, k)
             # 5. the averages in a common frame
@@ -212,7 +219,9 @@ def run_generation(
         run_params = []
         for _ in range(n_runs):
             key, k_run = jax.random.split(key)
-            avgs, wparams = within_group.within_group_alignment(images, labels, k, k_run, options, wg, params, mesh)
+            avgs, wparams = within_group.within_group_alignment(
+                images, labels, k, k_run, options, wg, params, mesh, max_particles=plan.within_group_particles
+            )
             run_params.append(wparams)
         if not tested:
             references = avgs
@@ -241,7 +250,7 @@ def run_generation(
                 avg_labels[extra] = c
             classes.append(ClassResult(None, idx, c_params, np.asarray(res.error[c])[stable[c]]))
             current.append(set(idx.tolist()))
-        references = filters.tanh_lowpass(average.class_averages(images, avg_params, avg_labels, k), p.fh, p.ff)
+        references = filters.tanh_lowpass(average.class_averages(images, avg_params, avg_labels, k, mesh=mesh), p.fh, p.ff)
         for c, cls in enumerate(classes):
             cls.average = np.asarray(references[c])
         # stable members take their averaged parameters (already gathered in avg_params)
@@ -321,12 +330,14 @@ def run_isac(
     on_generation: Callable[[IsacState, GenerationResult, np.ndarray], None] | None = None,
     progress: Callable[[str], None] | None = None,
     criterion=None,
+    budget: hardware.Budget | None = None,
 ) -> IsacState:
     """Runs (or, given a checkpointed ``state``, resumes) ISAC on a working stack ``(n, nx, nx)``.
 
     Generation ``g`` uses the key ``fold_in(key(seed), g)``, so a resumed run ends exactly as an uninterrupted
     one. ``on_generation(state, result, working_indices)`` is called after each finished generation (write
-    outputs and a checkpoint there).
+    outputs and a checkpoint there). ``images`` may be a memory map: each generation reads its working set
+    lazily (``hardware.Rows``), chunk by chunk.
     """
     n = images.shape[0]
     p.validate(n)
@@ -337,7 +348,9 @@ def run_isac(
         g = state.generation + 1
         work_idx = state.pool
         say(f"generation {g}: {len(work_idx)} particles in {len(work_idx) // p.img_per_grp} classes")
-        result = run_generation(np.asarray(images[work_idx]), jax.random.fold_in(root, g), p, mesh, progress, criterion)
+        working = images[work_idx] if isinstance(images, np.ndarray) and not isinstance(images, np.memmap) else \
+            hardware.Rows(images, work_idx)
+        result = run_generation(working, jax.random.fold_in(root, g), p, mesh, progress, criterion, budget)
         n_good = 0
         for c in result.accepted:
             cls = result.classes[c]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jisac import align, isac
+from jisac import align, hardware, isac
 from jisac.io.atomic import atomic_path, write_json
 from jisac.io.mrc import write_stack
 
@@ -157,7 +157,7 @@ def write_generation(out: Path, state: isac.IsacState, result: isac.GenerationRe
         tmp.write_text(json.dumps(state.history[-1]) + "\n")
 
 
-def write_final(out: Path, state: isac.IsacState, p: isac.IsacParams, timings: dict) -> dict:
+def write_final(out: Path, state: isac.IsacState, p: isac.IsacParams, timings: dict, write: bool = True) -> dict:
     n = len(state.class_of)
     averages = np.asarray(state.averages, np.float32)
     order = order_averages(averages, p) if len(averages) else np.zeros(0, int)
@@ -167,16 +167,7 @@ def write_final(out: Path, state: isac.IsacState, p: isac.IsacParams, timings: d
     class_number = np.zeros(n, int)
     class_number[state.class_of >= 0] = rank[state.class_of[state.class_of >= 0]] + 1
     sizes = [len(state.members[i]) for i in order]
-    if len(averages):
-        write_stack(out / "class_averages.mrcs", averages[order])
-        write_montage(out / "class_averages.png", averages[order], sizes)
     accounted = np.nonzero(state.class_of >= 0)[0]
-    _write_table(out / "processed_images.txt", accounted, "%d")
-    _write_table(out / "not_processed_images.txt", np.nonzero(state.class_of < 0)[0], "%d")
-    params = state.params.copy()
-    params[state.class_of < 0] = (0, 0, 0, -1)
-    _write_table(out / "all_parameters.txt", params, ["%.4f", "%.4f", "%.4f", "%d"])
-    _write_table(out / "particle_classes.txt", np.stack([class_number, state.errors], -1), ["%d", "%.4f"])
     summary = {
         "particles": n,
         "accounted": int(len(accounted)),
@@ -189,6 +180,17 @@ def write_final(out: Path, state: isac.IsacState, p: isac.IsacParams, timings: d
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "parameters": p._asdict(),
     }
+    if not write:  # another process than 0 of a multi-process run
+        return summary
+    if len(averages):
+        write_stack(out / "class_averages.mrcs", averages[order])
+        write_montage(out / "class_averages.png", averages[order], sizes)
+    _write_table(out / "processed_images.txt", accounted, "%d")
+    _write_table(out / "not_processed_images.txt", np.nonzero(state.class_of < 0)[0], "%d")
+    params = state.params.copy()
+    params[state.class_of < 0] = (0, 0, 0, -1)
+    _write_table(out / "all_parameters.txt", params, ["%.4f", "%.4f", "%.4f", "%d"])
+    _write_table(out / "particle_classes.txt", np.stack([class_number, state.errors], -1), ["%d", "%.4f"])
     write_json(out / "summary.json", summary)
     return summary
 
@@ -202,15 +204,19 @@ def classify(
     restart: bool = True,
     mesh=None,
     criterion=None,
+    budget=None,
 ) -> dict:
     """Runs ISAC on a working stack ``(n, target_nx, target_nx)``, writing outputs to ``output_dir``.
 
     With ``restart`` and a checkpoint of the same run (same parameters, seed and ``data_id``) in
     ``output_dir``, continues after its last finished generation; a checkpoint of a different run is refused.
-    ``criterion``: the stability criterion (default ISAC2's pixel error).
+    ``criterion``: the stability criterion (default ISAC2's pixel error). ``budget``: ``hardware.Budget`` (chunk
+    sizes). With several processes, every process runs this and process 0 alone writes.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = hardware.is_main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     p.validate(len(images))
     run_id = fingerprint(p, seed, f"{data_id}|{getattr(criterion, 'name', 'pixel_error')}")
     ckpt = out / "checkpoint" / "state.npz"
@@ -223,12 +229,15 @@ def classify(
     t0 = time.perf_counter()
 
     def on_generation(st, result, work_idx):
-        write_generation(out, st, result, work_idx)
-        save_state(ckpt, st, run_id)
+        if main:
+            write_generation(out, st, result, work_idx)
+            save_state(ckpt, st, run_id)
+        hardware.barrier(f"generation {st.generation}")
 
-    state = isac.run_isac(images, p, seed, state, mesh, on_generation, progress=log.info, criterion=criterion)
+    state = isac.run_isac(images, p, seed, state, mesh, on_generation, progress=log.info, criterion=criterion,
+                          budget=budget)
     t_isac = time.perf_counter() - t0
-    summary = write_final(out, state, p, {"isac": round(t_isac, 2)})
+    summary = write_final(out, state, p, {"isac": round(t_isac, 2)}, write=main)
     log.info(
         "%d classes, %d/%d particles accounted (%.0f %%): %s",
         summary["classes"], summary["accounted"], summary["particles"], 100 * summary["accounted_fraction"],

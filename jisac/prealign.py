@@ -75,7 +75,7 @@ def prealign(
             geometry=geometry, grid=align.SearchGrid(rng_, rng_, step), normalize_particles=False, reference_chunk=1
         )
         for it in range(options.maxit):
-            avg = average.class_averages(images, params, labels, 1)
+            avg = average.class_averages(images, params, labels, 1, mesh=mesh)
             # centre the average: shift it by minus the members' mean displacement, and the members with it
             sx = np.asarray(params.shift_x)
             disp = np.array([np.mean(np.where(np.asarray(params.mirror), -sx, sx)), np.mean(np.asarray(params.shift_y))])

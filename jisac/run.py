@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from jisac import cache, config, ctf, devices, io, pipeline, prealign, preprocess
+from jisac import cache, config, ctf, hardware, io, pipeline, prealign, preprocess
 from jisac.io import hdf, star
 from jisac.io.atomic import atomic_path, write_json
 from jisac.transforms import Transform2D, compose, make_transform, to_relion
@@ -47,17 +47,33 @@ def _ctf_params(stack, use_ctf: bool):
     return ctf.CTFParams.from_relion_table(stack.metadata, pixel_size_angst=stack.pixel_size)
 
 
-def _working_stack(stack, prep: preprocess.PreprocessParams, ctf_params, shifts, pixel_size):
+def _working_stack(stack, prep: preprocess.PreprocessParams, ctf_params, shifts, pixel_size, disk=None):
+    """The prepared stack as an array: in memory, or (``disk``: a path) written there by process 0 and
+    memory-mapped by every process (``hardware.working_stack_on_disk``)."""
     batches = lambda: stack.iter_batches(256)  # noqa: E731  (VPP reads the stack twice)
-    return preprocess.prepare_working_stack(
-        batches, len(stack), prep, ctf_params_for_indices=ctf_params, shifts=shifts, pixel_size_angst=pixel_size
-    )
+    if disk is None:
+        return preprocess.prepare_working_stack(
+            batches, len(stack), prep, ctf_params_for_indices=ctf_params, shifts=shifts, pixel_size_angst=pixel_size
+        ).images
+    if hardware.is_main_process():
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        preprocess.prepare_working_stack(
+            batches, len(stack), prep, ctf_params_for_indices=ctf_params, shifts=shifts, pixel_size_angst=pixel_size,
+            out_path=disk,
+        )
+    hardware.barrier(f"working stack {disk.name}")
+    with mrcfile.mmap(disk, mode="r") as mrc:
+        shape, dtype, offset = mrc.data.shape, mrc.data.dtype, 1024 + int(mrc.header.nsymbt)
+    return np.memmap(disk, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def run(cfg: config.JisacConfig) -> dict:
     """Runs ISAC as configured; returns the summary (also in ``summary.json``)."""
     out = Path(cfg.output_dir)
     t0 = time.perf_counter()
+    budget = cfg.hardware.budget(cfg.align)
+    mesh = hardware.mesh_from_config(cfg.hardware)
+    memory = hardware.MemoryReport()
     if cfg.data.stack is None:
         from jisac.demo import demo_stack
 
@@ -84,29 +100,55 @@ def run(cfg: config.JisacConfig) -> dict:
     s = prep.shrink_ratio
     log.info("%d particles, %d px box, %.3f A/px, radius %d px -> shrink ratio %.4f", n, box, pixel_size, radius, s)
     timings = {}
-    digest = cache.data_digest() if cfg.data.cache else None
+    # The preprocessing cache is for single-process runs (several processes would race on its entries).
+    digest = cache.data_digest() if cfg.data.cache and jax.process_count() == 1 else None
     keep = _finite_particles(stack, cfg.data.drop_nonfinite, digest)
+    disk = hardware.working_stack_on_disk(n, p.target_nx, budget, out)
+    if disk is not None:
+        log.info("the working stack (%.0f MB) is above half of hardware.host_memory_budget_mb: memory-mapped from %s",
+                 n * p.target_nx**2 * 4 / 2**20, disk)
+    log.info("%d device(s) (%s), hardware.memory_budget_mb=%d per device", mesh.size, mesh.devices.flat[0].platform,
+             budget.device_bytes >> 20)
     shifts, images, cache_record = _cached_preprocessing(cfg, stack, prep, p, ctf_params, keep, pixel_size, digest,
-                                                         timings)
+                                                         timings, mesh, disk, memory)
 
     data_id = (_stack_id(str(path)), radius, use_ctf, cfg.isac.vpp, cfg.isac.skip_prealignment)
     summary = pipeline.classify(
         images, p, out, seed=cfg.isac.rand_seed, data_id=repr(data_id), restart=cfg.isac.restart,
-        mesh=devices.data_mesh(), criterion=cfg.stability.criterion(cfg.isac),
+        mesh=mesh, criterion=cfg.stability.criterion(cfg.isac), budget=budget,
     )
-    write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size, keep)
+    memory.record("isac")
+    if hardware.is_main_process():
+        write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size, keep)
+        if disk is not None:  # the memory-mapped scratch stacks
+            del images
+            for scratch in (disk, disk.with_name("prealign_stack.mrcs")):
+                scratch.unlink(missing_ok=True)
     timings["total"] = round(time.perf_counter() - t0, 2)
     summary["seconds"].update(timings)
     summary["input"] = str(path)
     summary["cache"] = cache_record
-    write_json(out / "summary.json", summary)
+    memory.record("outputs")
+    summary["memory"] = {"devices": mesh.size, "processes": jax.process_count(), "stages": memory.stages}
+    summary["peak_rss_mb"] = memory.stages["outputs"]["peak_rss_mb"]
+    if hardware.is_main_process():
+        write_json(out / "summary.json", summary)
     return summary
 
 
+def _kept(images, keep: np.ndarray):
+    """The rows ``keep`` of ``images``: the array itself when nothing was left out, else a copy (in memory) or
+    a lazy view (memory-mapped)."""
+    if len(keep) == images.shape[0]:
+        return images
+    return hardware.Rows(images, keep) if isinstance(images, np.memmap) else np.asarray(images)[keep]
+
+
 def _preprocess(stack, prep: preprocess.PreprocessParams, p, ctf_params, keep: np.ndarray, pixel_size: float,
-                seed: int, skip_prealignment: bool, timings: dict) -> tuple[np.ndarray, np.ndarray]:
+                seed: int, skip_prealignment: bool, timings: dict, mesh, disk, memory) -> tuple[np.ndarray, np.ndarray]:
     """``(shifts (n, 2) float32 original px, working stack (len(keep), target_nx, target_nx) float32)``: the
-    pre-alignment (§3.1) and the working stack (§3.2); stage times go into ``timings`` (seconds)."""
+    pre-alignment (§3.1) and the working stack (§3.2, memory-mapped from ``disk`` when given); stage times go
+    into ``timings`` (seconds), memory into ``memory``."""
     n, box, s = len(stack), stack.box_size, prep.shrink_ratio
     # Pre-alignment: shrunk copies without cropping, centring shifts in original pixels.
     if skip_prealignment:
@@ -114,32 +156,36 @@ def _preprocess(stack, prep: preprocess.PreprocessParams, p, ctf_params, keep: n
     else:
         t = time.perf_counter()
         shrunk_box = prep.shrunk_size(box)
-        copies = _working_stack(stack, prep._replace(target_nx=shrunk_box), ctf_params, None, pixel_size)
+        copies = _working_stack(stack, prep._replace(target_nx=shrunk_box), ctf_params, None, pixel_size,
+                                disk and disk.with_name("prealign_stack.mrcs"))
         try:
             prealign.search_stages(shrunk_box, p.target_radius)
         except ValueError as err:
             raise ValueError(f"{err}; set isac.skip_prealignment=true or a smaller isac.target_radius") from None
         shifts_shrunk = np.zeros((n, 2), np.float32)
         shifts_shrunk[keep] = prealign.prealign(
-            np.asarray(copies.images)[keep], p.target_radius, jax.random.fold_in(jax.random.key(seed), 0),
-            mesh=devices.data_mesh(), progress=log.info,
+            _kept(copies, keep), p.target_radius, jax.random.fold_in(jax.random.key(seed), 0),
+            mesh=mesh, progress=log.info,
         )
+        del copies
         shifts = (shifts_shrunk / s).astype(np.float32)
         timings["prealignment"] = round(time.perf_counter() - t, 2)
+        memory.record("prealignment")
 
     t = time.perf_counter()
-    working = _working_stack(stack, prep, ctf_params, shifts, pixel_size)
-    images = np.asarray(working.images)[keep]
+    images = _kept(_working_stack(stack, prep, ctf_params, shifts, pixel_size, disk), keep)
     timings["working_stack"] = round(time.perf_counter() - t, 2)
     log.info("working stack: %d x %d px (%.1f s)", len(images), p.target_nx, timings["working_stack"])
+    memory.record("working_stack")
     return shifts, images
 
 
 def _cached_preprocessing(cfg: config.JisacConfig, stack, prep: preprocess.PreprocessParams, p, ctf_params,
-                          keep: np.ndarray, pixel_size: float, digest, timings: dict):
+                          keep: np.ndarray, pixel_size: float, digest, timings: dict, mesh, disk, memory):
     """:func:`_preprocess` through the preprocessing cache (``jisac.cache``): ``(shifts, images, record)`` where
     ``record`` (for summary.json) says ``status`` ("hit", "miss" or "off"), and the entry's ``key`` and ``path``."""
-    args = (stack, prep, p, ctf_params, keep, pixel_size, cfg.isac.rand_seed, cfg.isac.skip_prealignment, timings)
+    args = (stack, prep, p, ctf_params, keep, pixel_size, cfg.isac.rand_seed, cfg.isac.skip_prealignment, timings,
+            mesh, disk, memory)
     if digest is None:
         shifts, images = _preprocess(*args)
         return shifts, images, {"status": "off"}

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, filters, polar
+from jisac import align, average, filters, hardware, polar
 from jisac.transforms import Transform2D, apply_transform, from_centre_and_angle, particle_centre
 
 Array = jax.Array
@@ -34,7 +34,7 @@ class WithinGroupOptions(NamedTuple):
     # Ring spectra of each particle are kept for a (2w+1)^2 window of integer centres around an anchor and
     # reused while the search grid stays inside it (0: resample every pass). See ``_cached_pass``.
     cache_window: int = 2
-    cache_budget_mb: int = 4096  # the window shrinks (2 -> 1 -> no cache) until the cache fits in this many MiB
+    cache_budget_mb: int = 1024  # per call, all devices: the window shrinks (2 -> 1 -> none) to fit
 
 
 def random_start(key: Array, params: Transform2D | None, n: int) -> Transform2D:
@@ -52,19 +52,22 @@ def random_start(key: Array, params: Transform2D | None, n: int) -> Transform2D:
 _SUM_CHUNK = 128  # particles per step of the in-jit class sums (bounds the transformed-image temporaries)
 
 
-def _class_sums(images, params, seg, n_classes):
-    """Sums of transformed images per class inside jit, in chunks: ``(n_classes, ny, nx)``."""
+def _class_sums(images, params, seg, n_classes, exponent, reduce):
+    """Exact (fixed-point, ``average`` module) sums of transformed images per class inside jit, in chunks,
+    added over the devices by ``reduce``: ``(n_classes, ny, nx)`` float32, the same on any number of devices."""
     n = images.shape[0]
     chunks = n // _SUM_CHUNK
 
     def add(total, xs):
         imgs, p, s = xs
-        return total + jax.ops.segment_sum(apply_transform(imgs, p), s, num_segments=n_classes + 1)[:n_classes], None
+        hi, lo = average.exact_segment_sum(apply_transform(imgs, p), s, n_classes + 1, exponent)
+        return (total[0] + hi[:n_classes], total[1] + lo[:n_classes]), None
 
     reshape = lambda a: a.reshape(chunks, _SUM_CHUNK, *a.shape[1:])  # noqa: E731
-    zero = jnp.zeros((n_classes,) + images.shape[1:], jnp.float32)
-    total, _ = jax.lax.scan(add, zero, (reshape(images), jax.tree.map(reshape, params), reshape(seg)))
-    return total
+    zero = jnp.zeros((n_classes,) + images.shape[1:], jnp.int32)
+    (hi, lo), _ = jax.lax.scan(add, (zero, zero), (reshape(images), jax.tree.map(reshape, params), reshape(seg)))
+    hi, lo = reduce((hi, lo))
+    return average.limbs_to_float(hi, lo, exponent)
 
 
 def _integer_grid(options: align.AlignOptions) -> bool:
@@ -167,15 +170,18 @@ def _within_group_local(images, labels, valid, params, n_classes, options, wg, a
     counts are summed over the devices, so every device sees the same averages."""
     reduce = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))  # noqa: E731
     seg = jnp.where(valid & (labels >= 0), labels, n_classes)
+    # Transformed images (bilinear) never exceed the largest input value: one fixed-point scale for all passes.
+    max_abs = jnp.max(jnp.abs(jnp.where((seg < n_classes)[:, None, None], images, 0.0)))
+    exponent = average.fixed_point_exponent(max_abs if axis is None else jax.lax.pmax(max_abs, axis))
     counts = reduce(jnp.bincount(seg, length=n_classes + 1)[:n_classes])
     counts = jnp.maximum(counts, 1).astype(jnp.float32)
     safe_labels = jnp.clip(labels, 0, n_classes - 1)
     coarse = options._replace(coarse_step_deg=wg.dst)
 
-    def averages(params, it):
-        avg = reduce(_class_sums(images, params, seg, n_classes)) / counts[:, None, None]
+    def averages(params, it, lowpass=True):
+        avg = _class_sums(images, params, seg, n_classes, exponent, reduce) / counts[:, None, None]
         cutoff = 0.1 + (wg.fh - 0.1) * it / max(wg.maxit - 1, 1)
-        return filters.tanh_lowpass(avg, cutoff, wg.ff)
+        return filters.tanh_lowpass(avg, cutoff, wg.ff) if lowpass else avg
 
     use_cache = wg.cache_window > 0 and _integer_grid(options)
     n_used = _n_used_freqs(options)
@@ -214,7 +220,14 @@ def _within_group_local(images, labels, valid, params, n_classes, options, wg, a
         params, _, _ = jax.lax.fori_loop(0, wg.maxit - 1, one_cached_pass, (params, cache, anchor))
     else:
         params = jax.lax.fori_loop(0, wg.maxit - 1, one_pass, params)
-    return averages(params, wg.maxit - 1), params
+    # The last averages are low-passed outside (``_final_lowpass``): one program whatever the mesh, so they are
+    # bit-identical on any number of devices.
+    return averages(params, wg.maxit - 1, lowpass=False), params
+
+
+@functools.partial(jax.jit, static_argnames=("fh", "ff"))
+def _final_lowpass(avg, fh, ff):
+    return filters.tanh_lowpass(avg, fh, ff)
 
 
 @functools.lru_cache(maxsize=16)
@@ -242,16 +255,20 @@ def within_group_alignment(
     wg: WithinGroupOptions = WithinGroupOptions(),
     params: Transform2D | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    max_particles: int | None = None,
 ) -> tuple[Array, Transform2D]:
     """Aligns the members of every class to their class average, from a random start.
 
-    The whole schedule is one jitted loop over the stack held on the device (ISAC's working set: 23 kB per
-    76 px particle), padded to a multiple of 128 particles so that few shapes are compiled. Each particle's
-    ring spectra are cached over a window of centres (``wg.cache_window``; ``cache_bytes`` per particle,
-    capped by ``wg.cache_budget_mb``): 1.4x faster on 2 CPU cores for 1,000 particles, same results.
+    The whole schedule is one jitted loop over the particles held on the devices (ISAC's working set: 23 kB per
+    76 px particle), padded to a multiple of 128 particles per device so that few shapes are compiled. Classes
+    are independent, so a stack larger than ``max_particles`` is done in groups of whole classes, one call each
+    (every group padded to the same size: one compilation); the result is the same as in one call. Each
+    particle's ring spectra are cached over a window of centres (``wg.cache_window``; ``cache_bytes``, capped by
+    ``wg.cache_budget_mb`` per call): same results, fewer resamplings (docs/benchmarks.md).
 
     Args:
-        images: ``(n, ny, nx)`` particles.
+        images: ``(n, ny, nx)`` particles (NumPy, memory map or a lazy row view: only the rows each call needs,
+            of this process's devices, are read).
         labels: ``(n,)`` class of each particle; ``-1`` leaves it out.
         n_classes: number of classes.
         key: PRNG key of the random start (independent keys give the independent runs of the stability test).
@@ -259,32 +276,60 @@ def within_group_alignment(
         wg: iteration schedule.
         params: current parameters (their centres are kept); ``None`` means the box centre.
         mesh: optional one-axis device mesh: particles are split over its devices, class sums added across them
-            (same result as one device up to float summation order).
+            (exact integer sums: the same result as one device).
+        max_particles: most particles per call (all devices; ``hardware.plan``); None: all in one call.
 
     Returns:
         ``(averages, params)``: the final low-passed class averages ``(n_classes, ny, nx)`` and the members'
         parameters ``(n,)``.
     """
     n = images.shape[0]
+    labels = np.asarray(labels, np.int32)
+    sizes = np.bincount(labels[labels >= 0], minlength=n_classes)
+    if sizes.size and sizes.max() >= average.MAX_TERMS:
+        raise ValueError(f"within-group alignment: a class of {sizes.max()} members is above the exact-sum limit "
+                         f"({average.MAX_TERMS}); raise isac.img_per_grp's class count (more classes)")
     options = options._replace(normalize_particles=False)
     n_dev = 1 if mesh is None else mesh.size
     step = int(np.lcm(_SUM_CHUNK, options.particle_batch)) * n_dev
-    padded = -(-n // step) * step
-    pad = padded - n
-    imgs = jnp.asarray(np.asarray(images, np.float32))
-    lab = jnp.asarray(np.asarray(labels, np.int32))
-    # The random start is drawn for the unpadded stack so results do not depend on the padding.
-    start = random_start(key, params, n)
-    if pad:
-        imgs = jnp.concatenate([imgs, jnp.zeros((pad,) + imgs.shape[1:], imgs.dtype)])
-        lab = jnp.concatenate([lab, jnp.full((pad,), -1, jnp.int32)])
-        start = Transform2D(*(jnp.concatenate([f, jnp.zeros((pad,), f.dtype)]) for f in start))
-    valid = jnp.arange(padded) < n
+    # The random start is drawn for the whole unpadded stack so results depend neither on padding nor on groups.
+    start = jax.tree.map(np.asarray, random_start(key, params, n))
+    groups = _class_groups(labels, sizes, max_particles or max(n, 1))
+    padded = max(-(-max(len(g), 1) // step) * step for g in groups)
     wg = wg._replace(cache_window=_cache_window(padded, options, wg))
     fn = _within_group_fn(n_classes, options, wg, mesh)
-    if mesh is not None:
-        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
-        imgs, lab, valid, start = jax.device_put((imgs, lab, valid, start), split)
-    averages, out = fn(imgs, lab, valid, start)
-    averages = np.asarray(averages)
-    return averages, Transform2D(*(jnp.asarray(np.asarray(f)[:n]) for f in out))
+    averages = np.zeros((n_classes,) + tuple(images.shape[1:]), np.float32)
+    out = Transform2D(*(np.array(f, copy=True) for f in start))
+    for rows in groups:
+        m = len(rows)
+        view = hardware.RowRange(hardware.Rows(images, rows) if len(groups) > 1 else images, 0, m, padded)
+        lab = hardware.pad_rows(labels[rows], padded, -1)
+        valid = np.arange(padded) < m
+        st = Transform2D(*(hardware.pad_rows(f[rows], padded) for f in start))
+        if mesh is None:
+            args = (jnp.asarray(view[:]), jnp.asarray(lab), jnp.asarray(valid), Transform2D(*map(jnp.asarray, st)))
+        else:
+            args = hardware.put_rows((view, lab, valid, st), mesh)
+        avg, found = fn(*args)
+        in_group = np.zeros(n_classes, bool)
+        in_group[np.unique(labels[rows][labels[rows] >= 0])] = True
+        averages[in_group] = np.asarray(_final_lowpass(jnp.asarray(hardware.fetch(avg)), wg.fh, wg.ff))[in_group]
+        for f_all, f in zip(out, found):
+            f_all[rows] = hardware.fetch(f)[:m]
+    return averages, Transform2D(*map(jnp.asarray, out))
+
+
+def _class_groups(labels: np.ndarray, sizes: np.ndarray, max_particles: int) -> list[np.ndarray]:
+    """Particle indices (increasing) of consecutive groups of whole classes, each at most ``max_particles``
+    members unless one class alone is bigger; unlabelled particles are left out (they keep their start)."""
+    if int(sizes.sum()) <= max_particles:
+        return [np.arange(len(labels))]
+    groups, current, count = [], [], 0
+    for c, size in enumerate(sizes):
+        if current and count + size > max_particles:
+            groups.append(current)
+            current, count = [], 0
+        current.append(c)
+        count += int(size)
+    groups.append(current)
+    return [np.nonzero(np.isin(labels, g))[0] for g in groups if g]

@@ -74,7 +74,10 @@ def test_spectrum_cache_gives_the_uncached_result(projections50):
     assert np.minimum(d, 360 - d).max() < 1e-2
     for f in ("shift_x", "shift_y"):
         np.testing.assert_allclose(np.asarray(getattr(p2, f)), np.asarray(getattr(p0, f)), atol=1e-3)
-    np.testing.assert_allclose(a2, a0, atol=1e-3 * np.abs(a0).max())
+    # inside the particle: at the box edge, angle differences of ~1e-3 deg can move a bilinear sample across
+    # the zero padding
+    inside = np.hypot(*np.meshgrid(np.arange(76) - 38, np.arange(76) - 38)) <= 30
+    np.testing.assert_allclose(a2[:, inside], a0[:, inside], atol=1e-3 * np.abs(a0).max())
 
 
 def test_cache_window_shrinks_to_fit_its_budget():

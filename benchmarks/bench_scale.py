@@ -1,0 +1,174 @@
+"""Scale-out benchmark: a large 128 px stack made on the fly on disk, preprocessing, one multi-reference
+alignment pass and one equal-size assignment at ``img_per_grp`` 200 (1,000 classes for 200,000 particles).
+
+The stack (an MRCS written batch by batch through a memory map, never held in memory): noisy projections of the
+built-in phantom along 64 directions, randomly rotated and shifted. Preprocessing streams it into the 76 px
+working stack (in memory, or memory-mapped from disk above half of ``--host-budget-mb``); the MRA uses the
+chunk sizes ``hardware.plan`` derives from ``--budget-mb`` per device; references are ``n / img_per_grp``
+random particles. Prints a table per stage (seconds, particles/s, peak RSS) and, last, one JSON line with
+``particles_per_s`` (MRA + assignment) and ``peak_rss_mb``. ``--device-table`` also runs the MRA + assignment in
+fresh processes on 1, 2 and 4 (forced CPU) devices and prints their throughput.
+
+    python benchmarks/bench_scale.py                 # 200,000 particles (about 1 hour of MRA on a 2-core CPU)
+    python benchmarks/bench_scale.py --n 2000 --device-table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+
+def make_stack_on_disk(path: Path, n: int, box: int, radius: int, batch: int = 1000) -> None:
+    import mrcfile
+    import numpy as np
+
+    from jisac import synthetic
+    from jisac import transforms as T
+
+    phantom = synthetic.make_phantom(radius=0.85 * radius, seed=0)
+    rot, tilt = synthetic.hemisphere_directions(64)
+    views = np.asarray(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0.0), box))
+    with mrcfile.new_mmap(path, shape=(n, box, box), mrc_mode=2, overwrite=True) as mrc:
+        mrc.set_image_stack()
+        mrc.voxel_size = 2.0
+    rng = np.random.default_rng(0)
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        q = T.make_transform(rng.uniform(0, 360, b), rng.uniform(-2, 2, b), rng.uniform(-2, 2, b), np.zeros(b, bool))
+        imgs = T.apply_transform(views[rng.integers(0, len(views), b)], q)
+        imgs = synthetic.add_noise(imgs, 0.3, jax.random.key(start))
+        with mrcfile.mmap(path, mode="r+") as mrc:  # reopened per batch: written pages do not pile up in RSS
+            mrc.data[start : start + b] = np.asarray(imgs)
+
+
+def classify_pass(images, k: int, budget, mesh) -> dict:
+    """One MRA pass against ``k`` references and one equal-size assignment; seconds of each."""
+    import numpy as np
+
+    from jisac import align, filters, hardware, isac
+    from jisac.eqkmeans import assign_equal_size
+
+    p = isac.IsacParams()
+    options = p.align_options(k)
+    plan = hardware.plan(budget, options, k, p.target_nx, mesh.size)
+    options = options._replace(particle_batch=plan.particle_batch, reference_chunk=plan.reference_chunk)
+    n = images.shape[0]
+    refs = np.asarray(images[np.sort(np.random.default_rng(1).choice(n, k, replace=False))])
+    mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
+    t = time.perf_counter()
+    bank = align.prepare_references(filters.subtract_masked_mean(refs, mask), options)
+    table = align.alignment_table(images, bank, options, mesh=mesh, particle_chunk=plan.particle_chunk)
+    t_mra = time.perf_counter() - t
+    t = time.perf_counter()
+    labels = np.asarray(assign_equal_size(table.score))
+    t_assign = time.perf_counter() - t
+    sizes = np.bincount(labels, minlength=k)
+    return {"mra_s": t_mra, "assign_s": t_assign, "class_size_min": int(sizes.min()), "class_size_max": int(sizes.max()),
+            "plan": plan._asdict()}
+
+
+def device_run(n: int, img_per_grp: int, budget_mb: int) -> None:
+    """Child process of ``--device-table``: the MRA + assignment on all (forced) devices; prints one JSON line."""
+    import numpy as np
+
+    from jisac import hardware
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(n, 76, 76)).astype(np.float32)
+    mesh = hardware.data_mesh()
+    res = classify_pass(images, max(2, n // img_per_grp), hardware.Budget(device_bytes=budget_mb << 20), mesh)
+    res["devices"] = mesh.size
+    res["particles_per_s"] = n / (res["mra_s"] + res["assign_s"])
+    print(json.dumps(res))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=200_000)
+    parser.add_argument("--box", type=int, default=128)
+    parser.add_argument("--img-per-grp", type=int, default=200)
+    parser.add_argument("--budget-mb", type=int, default=1024, help="hardware.memory_budget_mb (per device)")
+    parser.add_argument("--host-budget-mb", type=int, default=3072, help="hardware.host_memory_budget_mb")
+    parser.add_argument("--device-table", action="store_true", help="also MRA + assignment on 1, 2, 4 devices")
+    parser.add_argument("--child-devices", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_devices:
+        jax.config.update("jax_num_cpu_devices", args.child_devices)
+        return device_run(args.n, args.img_per_grp, args.budget_mb)
+
+    from jisac import devices
+
+    devices.use_all_cpu_cores()
+    import mrcfile
+    import numpy as np
+
+    from jisac import hardware, preprocess
+
+    budget = hardware.Budget(device_bytes=args.budget_mb << 20, host_bytes=args.host_budget_mb << 20)
+    mesh = hardware.data_mesh()
+    k = args.n // args.img_per_grp
+    radius = int(0.4 * args.box)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        make_stack_on_disk(tmp / "stack.mrcs", args.n, args.box, radius)
+        rows.append(("make stack on disk", time.perf_counter() - t, args.n, hardware.memory_snapshot()["peak_rss_mb"]))
+
+        t = time.perf_counter()
+        prep = preprocess.PreprocessParams(radius, 29, 76)
+        with mrcfile.mmap(tmp / "stack.mrcs", mode="r") as mrc:
+            data = mrc.data
+            batches = lambda: ((np.arange(s, min(s + 512, args.n)), data[s : s + 512]) for s in range(0, args.n, 512))  # noqa: E731
+            disk = hardware.working_stack_on_disk(args.n, 76, budget, tmp)
+            if disk is not None:
+                disk.parent.mkdir(parents=True)
+            working = preprocess.prepare_working_stack(batches, args.n, prep, out_path=disk)
+        if disk is not None:
+            with mrcfile.mmap(disk, mode="r") as mrc:
+                shape, dtype = mrc.data.shape, mrc.data.dtype
+            images = np.memmap(disk, dtype=dtype, mode="r", offset=1024, shape=shape)
+        else:
+            images = working.images
+        rows.append(("preprocess (76 px)", time.perf_counter() - t, args.n, hardware.memory_snapshot()["peak_rss_mb"]))
+
+        res = classify_pass(images, k, budget, mesh)
+        peak = hardware.memory_snapshot()["peak_rss_mb"]
+        rows.append((f"MRA ({k} refs)", res["mra_s"], args.n, peak))
+        rows.append(("equal-size assignment", res["assign_s"], args.n, peak))
+
+    print(f"{args.n} particles, {args.box} px -> 76 px, {k} classes, {mesh.size} {jax.default_backend()} device(s), "
+          f"working stack {'memory-mapped' if disk is not None else 'in memory'}; plan {res['plan']}")
+    print(f"| {'stage':<24} | {'seconds':>8} | {'particles/s':>11} | {'peak RSS MB':>11} |")
+    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 13}|{'-' * 13}|")
+    for name, sec, count, rss in rows:
+        print(f"| {name:<24} | {sec:8.1f} | {count / sec:11.1f} | {rss:11.0f} |")
+    out = {"n": args.n, "box": args.box, "classes": k, "devices": mesh.size,
+           "particles_per_s": args.n / (res["mra_s"] + res["assign_s"]),
+           "peak_rss_mb": hardware.memory_snapshot()["peak_rss_mb"],
+           "seconds": {name: round(sec, 2) for name, sec, _, _ in rows}}
+    if args.device_table:
+        table = []
+        for d in (1, 2, 4):
+            proc = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--img-per-grp", str(args.img_per_grp),
+                                   "--budget-mb", str(args.budget_mb), "--child-devices", str(d)],
+                                  capture_output=True, text=True, check=True, env=dict(os.environ))
+            table.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"\n| devices | MRA s | assignment s | particles/s |\n|---|---|---|---|")
+        for r in table:
+            print(f"| {r['devices']} | {r['mra_s']:.1f} | {r['assign_s']:.2f} | {r['particles_per_s']:.1f} |")
+        out["device_table"] = [{key: r[key] for key in ("devices", "mra_s", "assign_s", "particles_per_s")} for r in table]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Runs a tiny ISAC (``run.run``: pre-alignment, working stack, classification, outputs) for the scale-out tests
+(``tests/test_scale.py``) in a fresh process, because the device count is fixed when JAX starts:
+
+    python tests/scale_worker.py devices DIR            4 CPU devices; runs on 1, 2 and 4 of them: DIR/d1, d2, d4
+    python tests/scale_worker.py process DIR PORT I     process I of 2 (2 CPU devices each, jax.distributed on
+                                                        localhost:PORT); the joint run writes DIR/p2
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+
+
+def make_stack(folder: Path) -> Path:
+    import numpy as np
+    import pandas as pd
+
+    from jisac import synthetic
+    from jisac import transforms as T
+    from jisac.io.star import write_stack_and_star
+
+    box, radius, n = 48, 18, 160
+    phantom = synthetic.make_phantom(radius=0.85 * radius, seed=1)
+    rot, tilt = synthetic.hemisphere_directions(4)
+    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), box)
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, n)
+    q = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-1, 1, n), rng.uniform(-1, 1, n),
+                         rng.integers(0, 2, n).astype(bool))
+    parts = np.asarray(synthetic.add_noise(T.apply_transform(views[truth], q), 0.3, jax.random.key(1)))
+    path = folder / "particles.star"
+    if not path.exists():
+        write_stack_and_star(path, folder / "particles.mrcs", parts, pd.DataFrame({"myTruth": truth}), pixel_size=1.5)
+    return path
+
+
+def config(stack: Path, out: Path, **hardware):
+    from jisac import config as c
+
+    isac = c.IsacConfig(radius=18, img_per_grp=40, minimum_grp_size=20, target_radius=18, target_nx=48, maxit=6,
+                        init_iter=1, stab_ali=3, rand_seed=0, main_iter_limit=1, restart=False)
+    return c.JisacConfig(output_dir=str(out), data=c.DataConfig(stack=str(stack)), isac=isac,
+                         hardware=c.HardwareConfig(**hardware))
+
+
+def main(mode: str, folder: str, *rest: str) -> None:
+    folder = Path(folder)
+    if mode == "devices":
+        jax.config.update("jax_num_cpu_devices", 4)
+        from jisac import run
+
+        stack = make_stack(folder)
+        for k in (1, 2, 4):
+            run.run(config(stack, folder / f"d{k}", devices=list(range(k))))
+    elif mode == "process":
+        port, pid = rest
+        jax.config.update("jax_num_cpu_devices", 2)
+        from jisac import hardware, run
+
+        hardware.initialize_distributed("true", f"127.0.0.1:{port}", 2, int(pid))
+        assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
+        stack = folder / "particles.star"
+        hardware.quiet_other_processes()
+        # host budget of 1 MB: the working stack is memory-mapped from disk (written by process 0)
+        run.run(config(stack, folder / "p2", devices="all", host_memory_budget_mb=1))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

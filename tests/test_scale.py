@@ -1,0 +1,143 @@
+"""Scale-out: device selection and the mesh, the memory budget, exact class sums, and end-to-end runs whose
+results are the same on 1, 2 and 4 devices and in two jax.distributed processes (``tests/scale_worker.py``,
+started in fresh processes because the device count is fixed when JAX starts)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jisac import align, average, config, hardware, within_group
+from jisac import transforms as T
+
+WORKER = Path(__file__).with_name("scale_worker.py")
+ROOT = WORKER.parent.parent
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def test_devices_from_config_and_bad_ids():
+    assert hardware.parse_device_ids("all") is None
+    assert hardware.parse_device_ids([0, 1]) == [0, 1]
+    assert hardware.parse_device_ids("0,1") == [0, 1]
+    assert [d.id for d in hardware.select_devices([1])] == [jax.devices()[1].id]
+    mesh = hardware.mesh_from_config(config.HardwareConfig(devices=[1, 0]))
+    assert mesh.axis_names == ("data",) and mesh.size == 2
+    with pytest.raises(ValueError, match=r"^hardware.devices: no device with id 7 \(available: 0, 1"):
+        hardware.select_devices([0, 7])
+    with pytest.raises(ValueError, match="hardware.devices"):
+        hardware.select_devices("gpu0")
+    with pytest.raises(ValueError, match="hardware.distributed must be"):
+        hardware.initialize_distributed("maybe")
+    assert not hardware.initialize_distributed("auto", environ={})  # no cluster: a single process
+    assert hardware.cluster_detected({"SLURM_NTASKS": "4"}) and not hardware.cluster_detected({"SLURM_NTASKS": "1"})
+    with pytest.raises(ValueError, match="hardware.memory_budget_mb"):
+        config.HardwareConfig(memory_budget_mb=0).budget(config.AlignConfig())
+
+
+def test_one_budget_sets_every_chunk_size():
+    options = align.AlignOptions()
+    big = hardware.plan(hardware.Budget(device_bytes=1 << 30), options, n_references=1000, box=76, n_devices=2)
+    small = hardware.plan(hardware.Budget(device_bytes=16 << 20), options, n_references=1000, box=76, n_devices=2)
+    assert (big.particle_batch, big.reference_chunk) == (4, 50)  # the preferred sizes fit in 1 GB
+    assert small.particle_batch * small.reference_chunk < big.particle_batch * big.reference_chunk
+    assert small.particle_chunk < big.particle_chunk and small.within_group_particles < big.within_group_particles
+    assert big.particle_chunk % (2 * big.particle_batch) == 0
+
+
+def test_class_sums_are_exact_on_any_mesh(projections50):
+    rng = np.random.default_rng(0)
+    n, k = 50, 3
+    labels = rng.integers(-1, k, n)
+    params = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n),
+                              rng.integers(0, 2, n).astype(bool))
+    one = average.class_sums(projections50, params, labels, k, chunk=16)
+    two = average.class_sums(projections50, params, labels, k, chunk=16, mesh=hardware.data_mesh())
+    np.testing.assert_array_equal(np.asarray(one.sums), np.asarray(two.sums))  # bit-identical
+    np.testing.assert_array_equal(np.asarray(one.counts), np.asarray(two.counts))
+    aligned = np.asarray(T.apply_transform(jnp.asarray(projections50), params), np.float64)
+    for c in range(k):
+        want = aligned[labels == c].sum(0)
+        np.testing.assert_allclose(np.asarray(one.sums[c]), want, atol=1e-5 * np.abs(aligned).max() * n)
+
+
+def test_within_group_in_class_groups_equals_one_call(projections50):
+    labels = np.repeat(np.arange(5), 10)
+    opts = align.AlignOptions(particle_batch=8, reference_chunk=2)
+    wg = within_group.WithinGroupOptions(maxit=3)
+    key = jax.random.key(0)
+    whole = within_group.within_group_alignment(projections50, labels, 5, key, opts, wg)
+    mesh = hardware.data_mesh()
+    parts = within_group.within_group_alignment(projections50, labels, 5, key, opts, wg, mesh=mesh, max_particles=20)
+    np.testing.assert_array_equal(whole[0], parts[0])
+    for a, b in zip(whole[1], parts[1]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(within_group._class_groups(labels, np.bincount(labels), 20)) == 3
+
+
+def test_lazy_rows_read_what_is_asked(tmp_path):
+    data = np.lib.format.open_memmap(tmp_path / "s.npy", mode="w+", dtype=np.float32, shape=(10, 4, 4))
+    data[:] = np.arange(10, dtype=np.float32)[:, None, None]
+    view = hardware.Rows(data, [7, 2, 5])
+    np.testing.assert_array_equal(view[1:][:, 0, 0], [2, 5])
+    np.testing.assert_array_equal(view[np.array([2, 0])][:, 0, 0], [5, 7])
+    rows = hardware.RowRange(view, 1, 3, size=4)
+    np.testing.assert_array_equal(rows[:][:, 0, 0], [2, 5, 0, 0])
+    arr = hardware.put_rows(rows, hardware.data_mesh())
+    np.testing.assert_array_equal(hardware.fetch(arr)[:, 0, 0], [2, 5, 0, 0])
+    snap = hardware.memory_snapshot()
+    assert snap["peak_rss_mb"] > 0
+
+
+@pytest.fixture(scope="module")
+def device_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scale")
+    subprocess.run([sys.executable, str(WORKER), "devices", str(folder)], check=True, env=_env(), timeout=600,
+                   capture_output=True)
+    return folder
+
+
+def _same_results(a: Path, b: Path):
+    ca, cb = np.loadtxt(a / "particle_classes.txt"), np.loadtxt(b / "particle_classes.txt")
+    np.testing.assert_array_equal(ca[:, 0], cb[:, 0])  # class membership
+    pa, pb = np.loadtxt(a / "all_parameters.txt"), np.loadtxt(b / "all_parameters.txt")
+    np.testing.assert_allclose(pa, pb, atol=1e-3)  # degrees and pixels
+
+
+def test_full_run_is_the_same_on_1_2_and_4_devices(device_runs):
+    assert (np.loadtxt(device_runs / "d1" / "particle_classes.txt")[:, 0] > 0).sum() > 0
+    for k in (2, 4):
+        _same_results(device_runs / "d1", device_runs / f"d{k}")
+
+
+def test_two_processes_give_the_single_process_result(device_runs):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), "process", str(device_runs), str(port), str(i)], env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), logs
+    _same_results(device_runs / "d1", device_runs / "p2")
+    import json
+
+    summary = json.loads((device_runs / "p2" / "summary.json").read_text())
+    assert summary["memory"]["processes"] == 2 and summary["memory"]["devices"] == 4
+    assert not (device_runs / "p2" / "scratch" / "working_stack.mrcs").exists()  # memory-mapped, then removed
