@@ -133,3 +133,10 @@ def test_stability_criterion_is_pluggable(stack, tmp_path):
     assert summary["accounted_fraction"] == 1.0
     with pytest.raises(ValueError, match="not a known criterion"):
         stability.make_criterion("nope", 0.7, 29.0)
+
+
+def test_a_run_that_accepts_nothing_still_writes_its_outputs(tmp_path):
+    summary = pipeline.write_final(tmp_path, isac.IsacState.start(70), PARAMS, {})
+    assert summary["accounted"] == 0 and summary["classes"] == 0
+    assert (np.loadtxt(tmp_path / "particle_classes.txt")[:, 0] == 0).all()
+    assert (np.loadtxt(tmp_path / "all_parameters.txt")[:, 3] == -1).all()
