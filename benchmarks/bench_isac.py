@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 import resource
 import tempfile
 import time
@@ -35,6 +37,10 @@ def main() -> None:
     parser.add_argument("--img-per-grp", type=int, default=100)
     parser.add_argument("--snr", type=float, default=0.3)
     args = parser.parse_args()
+    # Progress lines (stage, generation, SAC round, elapsed time) on stderr; the table and JSON go to stdout.
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("jax", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     views = args.views or max(1, args.n // args.img_per_grp)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

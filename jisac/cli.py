@@ -10,6 +10,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from jisac import config
+from jisac.sweep import SweepJob
 
 config.register()
 log = logging.getLogger("jisac")
@@ -35,8 +36,11 @@ def _demo_schedule(typed: config.JisacConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg) -> float:
+    job = SweepJob.current()  # None in a single run
     try:
         typed: config.JisacConfig = OmegaConf.to_object(cfg)
+        if job is not None:  # output_dir names the sweep folder; each run writes into its own job folder there
+            typed.output_dir = str(job.folder)
         from jisac import devices
 
         devices.use_all_cpu_cores()  # before any JAX computation
@@ -52,7 +56,15 @@ def main(cfg) -> float:
 
         summary = run(typed)
     except (ValueError, FileNotFoundError) as err:
+        if job is not None:  # in a sweep: a failed row, and the other runs go on
+            return job.failed(err)
         log.error("%s", err)
         print(f"jisac: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        if job is None:
+            raise
+        return job.failed(err, unexpected=True)
+    if job is not None:
+        job.succeeded()
     return summary["accounted_fraction"]

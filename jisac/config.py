@@ -79,6 +79,8 @@ class IsacConfig:
 class DataConfig:
     stack: Optional[str] = None  # STAR, MRCS/MRC, HDF or .cs; none: the built-in demo stack
     drop_nonfinite: bool = False  # leave out (unaccounted) particles with NaN/Inf pixels instead of stopping
+    cache: bool = True  # reuse the working stack + pre-alignment of an earlier run on the same data (jisac.cache)
+    cache_dir: Optional[str] = None  # the cache's folder; none: $XDG_CACHE_HOME/jisac/working (~/.cache/jisac/working)
 
 
 @dataclass

@@ -13,7 +13,12 @@ import jax
 
 
 def use_all_cpu_cores() -> None:
-    """One XLA CPU device per available core (no effect on GPU backends). Call before any JAX work."""
+    """One XLA CPU device per available core (no effect on GPU backends). Call before any JAX work.
+
+    An explicit ``JAX_NUM_CPU_DEVICES`` in the environment wins (JAX reads it at import): several sweep runs in
+    parallel processes (Hydra's joblib launcher) then share the cores instead of each taking all of them."""
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

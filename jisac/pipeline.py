@@ -163,10 +163,9 @@ def write_final(out: Path, state: isac.IsacState, p: isac.IsacParams, timings: d
     order = order_averages(averages, p) if len(averages) else np.zeros(0, int)
     rank = np.empty(len(order), int)
     rank[order] = np.arange(len(order))
-    # 0 = unaccounted (a run that accepts no class at all, e.g. at very low SNR, has every particle at 0)
+    # (indexed only where accounted: a run that accepts no class has an empty rank)
     class_number = np.zeros(n, int)
-    if len(order):
-        class_number = np.where(state.class_of >= 0, rank[np.maximum(state.class_of, 0)] + 1, 0)
+    class_number[state.class_of >= 0] = rank[state.class_of[state.class_of >= 0]] + 1
     sizes = [len(state.members[i]) for i in order]
     if len(averages):
         write_stack(out / "class_averages.mrcs", averages[order])

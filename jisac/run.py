@@ -3,7 +3,8 @@
 Steps (``shared/isac_algorithm.md`` §3, §10): open the stack (STAR, MRCS, HDF or .cs; the built-in demo stack when
 none is given) and check everything that can be checked before heavy work; pre-align shrunk copies for centring
 (§3.1); prepare the working stack (phase flip, shift, shrink to ``target_radius``, box ``target_nx``, normalise;
-§3.2); classify with checkpoints (``pipeline.classify``); then write the field's formats:
+§3.2) — both reused from the preprocessing cache (``jisac.cache``) when an earlier run made them; classify with
+checkpoints (``pipeline.classify``); then write the field's formats:
 
 - ``ordered_class_averages.hdf``: EMAN2/SPHIRE HDF, ``EMAN.members`` (0-based input indices) and ``EMAN.n_objects``;
 - ``class_averages.mrcs`` + ``class_averages.star``: the same averages, class k at index k-1;
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from jisac import config, ctf, devices, io, pipeline, prealign, preprocess
+from jisac import cache, config, ctf, devices, io, pipeline, prealign, preprocess
 from jisac.io import hdf, star
 from jisac.io.atomic import atomic_path, write_json
 from jisac.transforms import Transform2D, compose, make_transform, to_relion
@@ -83,10 +84,32 @@ def run(cfg: config.JisacConfig) -> dict:
     s = prep.shrink_ratio
     log.info("%d particles, %d px box, %.3f A/px, radius %d px -> shrink ratio %.4f", n, box, pixel_size, radius, s)
     timings = {}
-    keep = _finite_particles(stack, cfg.data.drop_nonfinite)
+    digest = cache.data_digest() if cfg.data.cache else None
+    keep = _finite_particles(stack, cfg.data.drop_nonfinite, digest)
+    shifts, images, cache_record = _cached_preprocessing(cfg, stack, prep, p, ctf_params, keep, pixel_size, digest,
+                                                         timings)
 
+    data_id = (_stack_id(str(path)), radius, use_ctf, cfg.isac.vpp, cfg.isac.skip_prealignment)
+    summary = pipeline.classify(
+        images, p, out, seed=cfg.isac.rand_seed, data_id=repr(data_id), restart=cfg.isac.restart,
+        mesh=devices.data_mesh(), criterion=cfg.stability.criterion(cfg.isac),
+    )
+    write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size, keep)
+    timings["total"] = round(time.perf_counter() - t0, 2)
+    summary["seconds"].update(timings)
+    summary["input"] = str(path)
+    summary["cache"] = cache_record
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _preprocess(stack, prep: preprocess.PreprocessParams, p, ctf_params, keep: np.ndarray, pixel_size: float,
+                seed: int, skip_prealignment: bool, timings: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(shifts (n, 2) float32 original px, working stack (len(keep), target_nx, target_nx) float32)``: the
+    pre-alignment (§3.1) and the working stack (§3.2); stage times go into ``timings`` (seconds)."""
+    n, box, s = len(stack), stack.box_size, prep.shrink_ratio
     # Pre-alignment: shrunk copies without cropping, centring shifts in original pixels.
-    if cfg.isac.skip_prealignment:
+    if skip_prealignment:
         shifts = np.zeros((n, 2), np.float32)
     else:
         t = time.perf_counter()
@@ -98,7 +121,7 @@ def run(cfg: config.JisacConfig) -> dict:
             raise ValueError(f"{err}; set isac.skip_prealignment=true or a smaller isac.target_radius") from None
         shifts_shrunk = np.zeros((n, 2), np.float32)
         shifts_shrunk[keep] = prealign.prealign(
-            np.asarray(copies.images)[keep], p.target_radius, jax.random.fold_in(jax.random.key(cfg.isac.rand_seed), 0),
+            np.asarray(copies.images)[keep], p.target_radius, jax.random.fold_in(jax.random.key(seed), 0),
             mesh=devices.data_mesh(), progress=log.info,
         )
         shifts = (shifts_shrunk / s).astype(np.float32)
@@ -109,24 +132,49 @@ def run(cfg: config.JisacConfig) -> dict:
     images = np.asarray(working.images)[keep]
     timings["working_stack"] = round(time.perf_counter() - t, 2)
     log.info("working stack: %d x %d px (%.1f s)", len(images), p.target_nx, timings["working_stack"])
-
-    data_id = (_stack_id(str(path)), radius, use_ctf, cfg.isac.vpp, cfg.isac.skip_prealignment)
-    summary = pipeline.classify(
-        images, p, out, seed=cfg.isac.rand_seed, data_id=repr(data_id), restart=cfg.isac.restart,
-        mesh=devices.data_mesh(), criterion=cfg.stability.criterion(cfg.isac),
-    )
-    write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size, keep)
-    timings["total"] = round(time.perf_counter() - t0, 2)
-    summary["seconds"].update(timings)
-    summary["input"] = str(path)
-    write_json(out / "summary.json", summary)
-    return summary
+    return shifts, images
 
 
-def _finite_particles(stack, drop: bool) -> np.ndarray:
-    """Indices of the particles without NaN/Inf pixels; stops with one line naming them unless ``drop``."""
+def _cached_preprocessing(cfg: config.JisacConfig, stack, prep: preprocess.PreprocessParams, p, ctf_params,
+                          keep: np.ndarray, pixel_size: float, digest, timings: dict):
+    """:func:`_preprocess` through the preprocessing cache (``jisac.cache``): ``(shifts, images, record)`` where
+    ``record`` (for summary.json) says ``status`` ("hit", "miss" or "off"), and the entry's ``key`` and ``path``."""
+    args = (stack, prep, p, ctf_params, keep, pixel_size, cfg.isac.rand_seed, cfg.isac.skip_prealignment, timings)
+    if digest is None:
+        shifts, images = _preprocess(*args)
+        return shifts, images, {"status": "off"}
+    settings = {
+        "n": len(stack), "box": stack.box_size, "pixel_size": float(pixel_size), **prep._asdict(),
+        "skip_prealignment": cfg.isac.skip_prealignment, "drop_nonfinite": cfg.data.drop_nonfinite,
+        # the pre-alignment's random start comes from rand_seed; without pre-alignment the seed plays no part
+        "prealignment_seed": None if cfg.isac.skip_prealignment else cfg.isac.rand_seed,
+    }
+    key, info = cache.make_key(digest.hexdigest(), settings, ctf_params)
+    folder = cache.resolve_folder(cfg.data.cache_dir)
+    t = time.perf_counter()
+    hit = cache.load(folder, key)
+    if hit is not None and len(hit["working"]) == len(keep):
+        timings["cache_load"] = round(time.perf_counter() - t, 2)
+        log.info("preprocessing cache hit: working stack and pre-alignment from %s (%.1f s)", folder / key,
+                 timings["cache_load"])
+        return hit["shifts"], hit["working"], {"status": "hit", "key": key, "path": str(folder / key)}
+    log.info("preprocessing cache miss: computing the pre-alignment and working stack (key %s)", key)
+    shifts, images = _preprocess(*args)
+    try:
+        entry = cache.store(folder, key, info, working=images, shifts=shifts, keep=keep)
+        log.info("stored in the preprocessing cache: %s (%.0f MB)", entry, images.nbytes / 2**20)
+    except OSError as err:  # a full or read-only cache folder must not fail the run
+        log.warning("could not write the preprocessing cache %s: %s", folder / key, err)
+    return shifts, images, {"status": "miss", "key": key, "path": str(folder / key)}
+
+
+def _finite_particles(stack, drop: bool, digest=None) -> np.ndarray:
+    """Indices of the particles without NaN/Inf pixels; stops with one line naming them unless ``drop``.
+    ``digest``: a ``jisac.cache.data_digest()`` fed every image on the way (this pass reads the whole stack)."""
     bad = []
     for idx, images in stack.iter_batches(1024):
+        if digest is not None:
+            cache.update_digest(digest, images)
         finite = np.isfinite(np.asarray(images).reshape(len(images), -1)).all(1)
         bad.extend(np.asarray(idx)[~finite].tolist())
     if bad and not drop:

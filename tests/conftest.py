@@ -11,6 +11,15 @@ jax.config.update("jax_num_cpu_devices", 2)
 from jisac import filters, synthetic
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Caches (the demo stack, the preprocessing cache) go to a temporary folder, not the user's ~/.cache;
+    subprocesses inherit it through the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def phantom():
     return synthetic.make_phantom(radius=25.0, seed=0)

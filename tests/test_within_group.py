@@ -51,3 +51,37 @@ def test_sharded_equals_single_device(projections50):
     np.testing.assert_allclose(a2, a1, atol=1e-4)
     for f1, f2 in zip(p1, p2):
         np.testing.assert_allclose(np.asarray(f2, np.float64), np.asarray(f1, np.float64), atol=2e-3)
+
+
+def test_spectrum_cache_gives_the_uncached_result(projections50):
+    """Reusing each particle's ring spectra across passes (cache_window > 0) changes only the float rounding of
+    the sample positions: same parameters, same averages as resampling every pass. Shifts of up to 3 px and
+    a small clamp make some particles leave their window and be resampled."""
+    rng = np.random.default_rng(5)
+    n = 48
+    labels = np.repeat([0, 1, 2], n // 3)
+    q = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-3, 3, n), rng.uniform(-3, 3, n), rng.integers(0, 2, n).astype(bool))
+    parts = T.apply_transform(jnp.asarray(projections50[[2, 17, 40]][labels]), q)
+    parts = np.asarray(synthetic.add_noise(parts, 0.5, jax.random.key(5)))
+    start = T.make_transform(0.0, rng.uniform(-2.5, 2.5, n), rng.uniform(-2.5, 2.5, n), False)
+    out = {}
+    for w in (0, 2):
+        wg = within_group.WithinGroupOptions(maxit=8, cache_window=w, max_centre=2.0)
+        out[w] = within_group.within_group_alignment(parts, labels, 3, jax.random.key(9), OPTIONS, wg, params=start)
+    (a0, p0), (a2, p2) = out[0], out[2]
+    np.testing.assert_array_equal(np.asarray(p2.mirror), np.asarray(p0.mirror))
+    d = np.abs(np.asarray(T.wrap_angle(np.asarray(p2.angle) - np.asarray(p0.angle))))
+    assert np.minimum(d, 360 - d).max() < 1e-2
+    for f in ("shift_x", "shift_y"):
+        np.testing.assert_allclose(np.asarray(getattr(p2, f)), np.asarray(getattr(p0, f)), atol=1e-3)
+    np.testing.assert_allclose(a2, a0, atol=1e-3 * np.abs(a0).max())
+
+
+def test_cache_window_shrinks_to_fit_its_budget():
+    opts = align.AlignOptions()
+    per_particle = within_group.cache_bytes(1, 2, opts)
+    assert per_particle == 25 * 29 * 94 * 8  # 29 rings, frequencies 0..93 kept by the band limit
+    wg = within_group.WithinGroupOptions(cache_budget_mb=1)
+    assert within_group._cache_window(1, opts, wg) == 2  # 0.55 MB
+    assert within_group._cache_window(4, opts, wg) == 1  # 2.2 MB at w = 2, 0.78 MB at w = 1
+    assert within_group._cache_window(10, opts, wg) == 0  # 1.96 MB even at w = 1: no cache
