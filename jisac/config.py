@@ -137,15 +137,54 @@ class DemoConfig:
 
 @dataclass
 class StabilityConfig:
-    """The ``stability`` config group: which criterion decides that a class member is stable."""
+    """The ``stability`` config group: which criterion decides that a class member is stable
+    (``jisac.stability``). ``stability=pixel_error`` (default, ISAC2), ``stability=reproducibility`` (ISAC 2012)
+    or ``stability=resolution`` (new); each option node below adds its criterion's own typed options."""
 
     name: str = "pixel_error"
     max_iter: int = 50  # L-BFGS iterations of the pixel-error corrections
 
+    def _options(self, isac: IsacConfig) -> dict:
+        return {"max_iter": self.max_iter}
+
     def criterion(self, isac: IsacConfig):
         from jisac import stability
 
-        return stability.make_criterion(self.name, isac.thld_err, float(isac.target_radius), max_iter=self.max_iter)
+        return stability.make_criterion(self.name, isac.thld_err, float(isac.target_radius), **self._options(isac))
+
+
+@dataclass
+class ReproducibilityConfig(StabilityConfig):
+    """``stability=reproducibility``: ISAC 2012's reproducible membership, adapted to one SAC round."""
+
+    name: str = "reproducibility"
+    min_fraction: float = 1.0  # fraction of the stab_ali runs that must put a member back in its class
+    within_class: bool = True  # also require ISAC2's pixel error < isac.thld_err (as the 2012 program did)
+
+    def _options(self, isac: IsacConfig) -> dict:
+        from jisac.isac import IsacParams
+
+        # the same polar search as the SAC rounds' multi-reference alignment
+        search = IsacParams(
+            target_radius=isac.target_radius, target_nx=isac.target_nx, xr=isac.xr,
+            yr=isac.xr if isac.yr < 0 else isac.yr, ts=isac.ts,
+        ).align_options()
+        return dict(super()._options(isac), min_fraction=self.min_fraction, within_class=self.within_class,
+                    options=search, lowpass=(isac.fh, isac.ff))
+
+
+@dataclass
+class ResolutionConfig(StabilityConfig):
+    """``stability=resolution``: pixel error below ``fraction`` of the class's FRC resolution length."""
+
+    name: str = "resolution"
+    fraction: float = 0.3  # allowed pixel error in units of 1 / (class resolution in cycles/px)
+    max_error: float = 3.0  # never accept a pixel error above this, px (the lower bound is isac.thld_err)
+    frc_threshold: float = 0.5  # split-half FRC level that defines a class's resolution
+
+    def _options(self, isac: IsacConfig) -> dict:
+        return dict(super()._options(isac), fraction=self.fraction, max_error=self.max_error,
+                    frc_threshold=self.frc_threshold)
 
 
 @dataclass
@@ -164,6 +203,8 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="jisac_schema", node=JisacConfig)
     store.store(group="stability", name="pixel_error", node=StabilityConfig(name="pixel_error"))
+    store.store(group="stability", name="reproducibility", node=ReproducibilityConfig())
+    store.store(group="stability", name="resolution", node=ResolutionConfig())
 
 
 def align_options(isac: IsacConfig, align: AlignConfig, n_references: int | None = None,

@@ -180,7 +180,7 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
     truth_params = T.inverse(moves)
     ang = _angle_error(result.params.angle, truth_params.angle)
     centre_found = np.stack([np.asarray(c) for c in T.particle_centre(result.params)], -1)
-    centre_true = np.stack([np.asarray(moves.shift_x), np.asarray(moves.shift_y)], -1)
+    centre_true = np.stack([np.asarray(c) for c in T.particle_centre(truth_params)], -1)
     centre_err = np.hypot(*(centre_found - centre_true).T)
     mirror_ok = np.asarray(result.params.mirror) == np.asarray(moves.mirror)
 

@@ -19,12 +19,41 @@ get averaged parameters (mean direction, mean shift, run L-1's mirror).
 
 Everything is a pure function of arrays with a member mask, so classes of different sizes are padded to one
 shape and the test is ``vmap``-ed over classes.
+
+Criteria (``stability=<name>``; ``CRITERIA``, ``make_criterion``). All three see the same ``L`` within-group
+alignments of every class; they differ in what "stable" means:
+
+- ``pixel_error`` (default, ISAC2): the test above, ``e_i < thld_err``.
+- ``reproducibility`` (ISAC 2012, ``isac_algorithm.md`` §11): class *membership* must be reproducible. The 2012
+  program ran ``indep_run`` whole SAC runs from different initial references and kept the members found
+  together in two-way-matched classes of every run. jisac has one run, so the ``L`` within-group alignments
+  stand in for the independent runs: from each run ``j`` the classes are averaged with run ``j``'s parameters,
+  the round's particles are re-assigned to those averages (multi-reference alignment + equal-size assignment,
+  one EQ-K-means step), the new partition is matched one-to-one with the round's classes (maximum total overlap,
+  SPHIRE's ``match_2_way`` for two partitions), and a member is stable if it lands back in its own (matched)
+  class in at least ``min_fraction`` of the runs -- and, with ``within_class`` (default, as in 2012 where each
+  run's classes had passed the pixel-error test), also passes the pixel-error test. Departures from 2012: the
+  runs share the round's EQ-K-means partition and differ only by their within-group alignments (not by initial
+  references and whole SAC histories), the matching is against the round's partition rather than between runs,
+  it is exact (an assignment problem) rather than branch-and-bound with a size threshold (``thld_grp`` is played
+  by ``minimum_grp_size``), and there are no separate candidate/validation phases. It catches members that align
+  consistently but belong to another view, which the pixel error cannot see; it costs ``L`` extra
+  multi-reference alignments per round.
+- ``resolution`` (new): the pixel error measured in units of the class's own resolution. A fixed 0.7 px is
+  demanding for a class whose average only holds information to 0.1 cycles/px (a 10 px resolution element) and
+  is what makes ISAC2 account few particles at low SNR; a misalignment spread ``e`` only blurs what the class
+  can resolve when ``e`` is a sizeable fraction of ``1 / f_c``. So the threshold of class ``c`` is
+  ``clip(fraction / f_c, thld_err, max_error)`` with ``f_c`` the split-half FRC resolution of the class
+  (``frc_threshold``, default 0.5): never stricter than ISAC2, never more lenient than ``max_error`` px. A
+  Gaussian spread of ``e`` px damps the signal at ``f_c`` by ``exp(-(pi e f_c)^2)``: ``fraction`` 0.3 keeps
+  40 % of it, and equals ISAC2's 0.7 px at 0.43 cycles/px.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import NamedTuple
 
 import jax
@@ -186,7 +215,21 @@ def pixel_error_stability_classes(
 # and, for criteria that need them, the working stack and the members' indices into it (``(c, n)``, -1 padding);
 # it returns a ``StabilityResult`` with fields ``(c, n)`` (``stable``, a per-member ``error`` score where lower
 # is better, averaged ``params``). The ISAC loop calls whichever criterion it is given; ``make_criterion``
-# builds one from the ``stability`` config group.
+# builds one from the ``stability`` config group. ``criterion.name`` names the criterion and its options (it is
+# part of a run's fingerprint, so a restart with other options is refused).
+#
+# Every criterion below reports ISAC2's pixel error as ``error`` and the pixel-error test's averaged parameters
+# as ``params``, so a run's outputs (``jisacPixelError``, parameters) mean the same whichever criterion chose
+# the stable members.
+
+
+def _option_name(name: str, **options) -> str:
+    return name + "[" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()) + "]"
+
+
+def _need_images(name: str, images, labels) -> None:
+    if images is None or labels is None:
+        raise ValueError(f"stability={name} needs the working stack and the members' indices (images=, labels=)")
 
 
 def pixel_error_criterion(threshold: float, radius: float, max_iter: int = 50):
@@ -199,11 +242,291 @@ def pixel_error_criterion(threshold: float, radius: float, max_iter: int = 50):
     return criterion
 
 
-CRITERIA = {"pixel_error": pixel_error_criterion}
+# ------------------------------------------------------------------ ISAC (2012): reproducible class membership
+
+
+def match_two_way(reference: np.ndarray, other: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one matching of the classes of two partitions of the same particles, maximising the total size of
+    the matched intersections (the two-partition case of SPHIRE's ``match_2_way``, solved exactly as an
+    assignment problem).
+
+    Args:
+        reference, other: ``(m,)`` int labels in ``[0, n_classes)`` of the same ``m`` particles.
+        n_classes: number of classes of both partitions.
+
+    Returns:
+        ``(match, overlap)``, both ``(n_classes,)`` and indexed by the classes of ``other``: the matched class of
+        ``reference`` and the size of the matched intersection.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    reference, other = np.asarray(reference, np.int64), np.asarray(other, np.int64)
+    table = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(table, (other, reference), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    match = np.empty(n_classes, np.int64)
+    match[rows] = cols
+    return match, table[rows, cols]
+
+
+def _members_flat(member, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The real members as flat arrays: class, slot and index into the stack, each ``(m,)``."""
+    cls, slot = np.nonzero(np.asarray(member))
+    index = np.asarray(labels)[cls, slot]
+    if (index < 0).any():
+        raise ValueError("labels: a member (member=True) has index -1")
+    return cls, slot, index
+
+
+def reassign_with_run_averages(
+    runs: Transform2D, member, images, labels, options, mask_radius: float, lowpass: tuple[float, float] | None
+) -> np.ndarray:
+    """The round's members re-assigned to each run's class averages.
+
+    For every run ``j``: each class is averaged with run ``j``'s parameters of its members (low-passed with
+    ``lowpass = (cutoff, falloff)`` if given, ISAC's final filter), every member is aligned to all the averages
+    (multi-reference alignment about its run-``j`` centre, ``align.alignment_table``) and the members are split
+    into classes of equal size (``eqkmeans.assign_equal_size``), as one EQ-K-means step of ISAC.
+
+    Args:
+        runs: fields ``(c, L, n)``; member: ``(c, n)`` bool; images: ``(N, ny, nx)``; labels: ``(c, n)`` indices
+            into ``images`` (-1 padding); options: ``align.AlignOptions`` of the search; mask_radius: the
+            particle radius in pixels (references are mean-subtracted inside it).
+
+    Returns:
+        ``(L, m)`` int new class of each of the ``m`` members, in the order of ``np.nonzero(member)``.
+    """
+    from jisac import align, average, filters
+    from jisac.eqkmeans import assign_equal_size
+
+    n_classes, n_runs = runs.angle.shape[:2]
+    cls, slot, index = _members_flat(member, labels)
+    imgs = np.asarray(np.asarray(images)[index], np.float32)
+    mask = filters.circular_mask(imgs.shape[1], imgs.shape[2], mask_radius)
+    out = []
+    for j in range(n_runs):
+        p_j = Transform2D(*(np.asarray(f)[:, j][cls, slot] for f in runs))
+        averages = average.class_averages(imgs, p_j, cls, n_classes)
+        if lowpass is not None:
+            averages = filters.tanh_lowpass(averages, *lowpass)
+        bank = align.prepare_references(filters.subtract_masked_mean(averages, mask), options)
+        table = align.alignment_table(imgs, bank, options, params=p_j, n_references=n_classes)
+        out.append(np.asarray(assign_equal_size(table.score)))
+    return np.stack(out)
+
+
+def membership_reproducibility(
+    runs: Transform2D, member, images, labels, options, mask_radius: float, lowpass: tuple[float, float] | None = None
+) -> np.ndarray:
+    """``(c, n)`` int: in how many of the ``L`` runs each member is re-assigned to the class matched with its own
+    (``reassign_with_run_averages``, then ``match_two_way`` of each run's partition with the round's classes);
+    0 for padding."""
+    n_classes = runs.angle.shape[0]
+    cls, slot, _ = _members_flat(member, labels)
+    new = reassign_with_run_averages(runs, member, images, labels, options, mask_radius, lowpass)
+    count = np.zeros(np.shape(member), np.int64)
+    for labels_j in new:
+        match, _ = match_two_way(cls, labels_j, n_classes)
+        count[cls, slot] += match[labels_j] == cls
+    return count
+
+
+def reproducibility_criterion(
+    threshold: float,
+    radius: float,
+    min_fraction: float = 1.0,
+    within_class: bool = True,
+    max_iter: int = 50,
+    options=None,
+    lowpass: tuple[float, float] | None = (0.45, 0.2),
+):
+    """ISAC (2012)'s criterion adapted to one SAC round: membership reproducible across the ``L`` runs.
+
+    A member is stable if, in at least ``ceil(min_fraction L)`` of the runs, re-assigning the round's particles
+    to that run's class averages puts it back in the class matched with its own (``membership_reproducibility``)
+    and, with ``within_class`` (the 2012 program tested both), it also passes ISAC2's pixel-error test at
+    ``threshold``.
+
+    Args:
+        threshold: pixel-error threshold (``isac.thld_err``), pixels.
+        radius: particle radius (``isac.target_radius``), pixels.
+        min_fraction: fraction of the runs in ``(0, 1]`` (1: every run, the 2012 intersection).
+        within_class: also require the pixel-error test.
+        max_iter: L-BFGS iterations of the pixel-error test.
+        options: ``align.AlignOptions`` of the re-assignment (default: rings 1..radius, 3x3 shifts, mirror).
+        lowpass: ``(cutoff, falloff)`` of the tanh filter on the run averages (ISAC's ``fh``, ``ff``), or None.
+    """
+    if not 0.0 < min_fraction <= 1.0:
+        raise ValueError(f"stability.min_fraction must be in (0, 1] (got {min_fraction})")
+    if options is None:
+        from jisac import align
+        from jisac.polar import RingGeometry
+
+        options = align.AlignOptions(geometry=RingGeometry(1, int(radius), 1))
+
+    def criterion(runs: Transform2D, member: Array, images=None, labels=None) -> StabilityResult:
+        _need_images("reproducibility", images, labels)
+        base = pixel_error_stability_classes(runs, member, threshold, radius, max_iter)
+        n_runs = runs.angle.shape[1]
+        count = membership_reproducibility(runs, member, images, labels, options, radius, lowpass)
+        reproducible = count >= math.ceil(min_fraction * n_runs - 1e-6)
+        stable = np.asarray(member) & reproducible
+        if within_class:
+            stable &= np.asarray(base.stable)
+        # members outside the mirror-stable set have no averaged parameters: they keep the last run's
+        finite = jnp.isfinite(base.error)
+        last = Transform2D(*(f[:, -1] for f in runs))
+        params = Transform2D(*(jnp.where(finite, a, b) for a, b in zip(base.params, last)))
+        return base._replace(stable=jnp.asarray(stable), params=params)
+
+    criterion.name = _option_name("reproducibility", min_fraction=min_fraction, within_class=within_class)
+    return criterion
+
+
+# ------------------------------------------------------------------ new: pixel error relative to the resolution
+
+
+def fourier_ring_correlation(a: Array, b: Array) -> Array:
+    """FRC of image pairs ``(..., ny, nx)`` in shells of width ``1 / nx`` cycles/px: ``(..., nx // 2 + 1)``,
+    shell ``s`` at frequency ``s / nx`` (0.5 = Nyquist). Empty or zero shells give 0."""
+    from jisac.filters import radial_frequency
+
+    ny, nx = a.shape[-2:]
+    n_shells = nx // 2 + 1
+    shell = np.rint(radial_frequency(ny, nx) * nx).astype(np.int64)
+    # rfft2 keeps one of each conjugate pair: interior columns stand for two coefficients
+    weight = np.full(shell.shape, 2.0)
+    weight[:, 0] = 1.0
+    if nx % 2 == 0:
+        weight[:, -1] = 1.0
+    onehot = (shell.reshape(-1, 1) == np.arange(n_shells)[None]) * weight.reshape(-1, 1)
+    onehot = jnp.asarray(onehot, jnp.float32)  # (pixels, shells); corners beyond Nyquist fall out
+    fa = jnp.fft.rfft2(a).reshape(*a.shape[:-2], -1)
+    fb = jnp.fft.rfft2(b).reshape(*b.shape[:-2], -1)
+    hi = jax.lax.Precision.HIGHEST
+    cross = jnp.matmul(jnp.real(fa * jnp.conj(fb)), onehot, precision=hi)
+    pa = jnp.matmul(jnp.abs(fa) ** 2, onehot, precision=hi)
+    pb = jnp.matmul(jnp.abs(fb) ** 2, onehot, precision=hi)
+    denom = jnp.sqrt(pa * pb)
+    return jnp.where(denom > 0, cross / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def frc_resolution(frc: Array, threshold: float, box: int) -> Array:
+    """Frequency (cycles/px) where the FRC ``(..., shells)`` first falls below ``threshold`` (shell 0, the mean,
+    is ignored; linear interpolation between shells). Never below ``1 / box``; 0.5 if it never falls."""
+    n_shells = frc.shape[-1]
+    shells = jnp.arange(n_shells)
+    below = (frc < threshold) & (shells >= 1)
+    first = jnp.where(below.any(-1), jnp.argmax(below, -1), n_shells - 1)
+    hi = jnp.take_along_axis(frc, first[..., None], -1)[..., 0]
+    lo = jnp.take_along_axis(frc, (first - 1)[..., None], -1)[..., 0]
+    step = jnp.clip((lo - threshold) / jnp.maximum(lo - hi, 1e-12), 0.0, 1.0)
+    crossing = jnp.where(below.any(-1), first - 1 + step, 0.5 * box)
+    return jnp.clip(crossing / box, 1.0 / box, 0.5)
+
+
+def _soft_mask(ny: int, nx: int, radius: float, width: float = 3.0) -> np.ndarray:
+    """1 inside ``radius``, a raised-cosine edge of ``width`` px, 0 beyond (keeps the FRC free of mask ringing)."""
+    y, x = np.mgrid[:ny, :nx]
+    r = np.hypot(x - nx // 2, y - ny // 2)
+    edge = 0.5 * (1.0 + np.cos(np.pi * np.clip((r - radius) / width, 0.0, 1.0)))
+    return np.where(r <= radius, 1.0, edge).astype(np.float32)
+
+
+def split_half_resolution(params: Transform2D, member, images, labels, radius: float, frc_threshold: float = 0.5):
+    """Resolution of every class (cycles/px) from the FRC of the averages of its two half-sets.
+
+    Members alternate between the halves in slot order; each half is averaged with ``params`` (fields ``(c, n)``,
+    one alignment of every member), masked softly at ``radius``, and the FRC's first crossing of
+    ``frc_threshold`` is the class's resolution (``frc_resolution``).
+
+    Returns:
+        ``(resolution, frc)``: ``(c,)`` cycles/px and the ``(c, nx // 2 + 1)`` curves.
+    """
+    from jisac import average, filters
+
+    n_classes = np.shape(member)[0]
+    cls, slot, index = _members_flat(member, labels)
+    rank = (np.cumsum(np.asarray(member), 1) - 1)[cls, slot]
+    imgs = np.asarray(np.asarray(images)[index], np.float32)
+    p = Transform2D(*(np.asarray(f)[cls, slot] for f in params))
+    halves = average.class_averages(imgs, p, 2 * cls + rank % 2, 2 * n_classes)
+    ny, nx = imgs.shape[1:]
+    halves = filters.subtract_masked_mean(halves, filters.circular_mask(ny, nx, radius)) * _soft_mask(ny, nx, radius)
+    halves = halves.reshape(n_classes, 2, ny, nx)
+    frc = fourier_ring_correlation(halves[:, 0], halves[:, 1])
+    return frc_resolution(frc, frc_threshold, nx), frc
+
+
+def resolution_criterion(
+    threshold: float,
+    radius: float,
+    fraction: float = 0.3,
+    max_error: float = 3.0,
+    frc_threshold: float = 0.5,
+    max_iter: int = 50,
+):
+    """Pixel error measured against the class's own resolution (new in jisac).
+
+    ISAC2's pixel error ``e_i`` is compared with a per-class threshold instead of a fixed 0.7 px::
+
+        stable  <=>  e_i < clip(fraction / f_c, threshold, max_error)
+
+    where ``f_c`` (cycles/px) is the class's split-half FRC resolution (``split_half_resolution`` at
+    ``frc_threshold``, last run's parameters). ``fraction`` is the largest allowed spread as a fraction of the
+    class's resolution length ``1 / f_c``; the test is never stricter than ISAC2's (``threshold``) and never
+    accepts a spread above ``max_error`` px.
+
+    Args:
+        threshold: ISAC2's pixel-error threshold (``isac.thld_err``), the lower bound, pixels.
+        radius: particle radius (``isac.target_radius``), pixels.
+        fraction: allowed pixel error in units of the resolution length (> 0; 0.3 gives ISAC2's 0.7 px at
+            0.43 cycles/px).
+        max_error: upper bound of the allowed pixel error, pixels (>= threshold).
+        frc_threshold: FRC level that defines the resolution, in (0, 1).
+        max_iter: L-BFGS iterations of the pixel-error test.
+    """
+    if not fraction > 0:
+        raise ValueError(f"stability.fraction must be > 0 (got {fraction})")
+    if not max_error >= threshold:
+        raise ValueError(f"stability.max_error ({max_error}) must be >= isac.thld_err ({threshold})")
+    if not 0.0 < frc_threshold < 1.0:
+        raise ValueError(f"stability.frc_threshold must be in (0, 1) (got {frc_threshold})")
+
+    def criterion(runs: Transform2D, member: Array, images=None, labels=None) -> StabilityResult:
+        _need_images("resolution", images, labels)
+        base = pixel_error_stability_classes(runs, member, threshold, radius, max_iter)
+        last = Transform2D(*(f[:, -1] for f in runs))
+        resolution, _ = split_half_resolution(last, member, images, labels, radius, frc_threshold)
+        allowed = jnp.clip(fraction / resolution, threshold, max_error)  # (c,)
+        finite = jnp.isfinite(base.error)  # the mirror-stable members
+        enough = finite.sum(1, keepdims=True) > 1
+        stable = jnp.asarray(member) & finite & enough & (base.error < allowed[:, None])
+        return base._replace(stable=stable)
+
+    criterion.name = _option_name(
+        "resolution", fraction=fraction, max_error=max_error, frc_threshold=frc_threshold
+    )
+    return criterion
+
+
+CRITERIA = {
+    "pixel_error": pixel_error_criterion,
+    "reproducibility": reproducibility_criterion,
+    "resolution": resolution_criterion,
+}
 
 
 def make_criterion(name: str, threshold: float, radius: float, **options):
-    """The criterion called ``name`` (``stability=<name>`` on the command line) with its options."""
+    """The criterion called ``name`` (``stability=<name>`` on the command line) with its options.
+
+    Raises ``ValueError`` naming the parameter for an unknown criterion, a threshold or radius that is not
+    positive, or an invalid option value.
+    """
     if name not in CRITERIA:
         raise ValueError(f"stability={name!r} is not a known criterion; choose one of {sorted(CRITERIA)}")
+    if not threshold > 0:
+        raise ValueError(f"isac.thld_err (the stability threshold) must be > 0 (got {threshold})")
+    if not radius > 0:
+        raise ValueError(f"isac.target_radius (the particle radius) must be > 0 (got {radius})")
     return CRITERIA[name](threshold, radius, **options)

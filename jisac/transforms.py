@@ -11,8 +11,8 @@ i.e. rotate, then translate, then mirror x -> -x. Applying ``P`` to an image mov
 reference, so ``apply_transform(particle, P) ~ reference``.
 
 ``compose(p1, p2)`` is "apply p1, then p2" (SPHIRE's ``combine_params2``); ``inverse(p)`` undoes ``p``. The
-translation of ``inverse(p)`` is the particle centre in the raw image (``particle_centre``): polar searches are
-centred there.
+particle centre in the raw image is the point ``P`` maps to the box centre (``particle_centre``): polar
+searches are centred there.
 
 RELION describes the same relation from the other side (the reference is rotated by ``psi`` and shifted to land
 on the particle; the particle's centre lies at ``-origin``). For a non-mirrored particle::
@@ -126,9 +126,15 @@ def inverse(p: Transform2D) -> Transform2D:
 
 
 def particle_centre(p: Transform2D) -> tuple[Array, Array]:
-    """Where the particle centre lies in the raw image (pixels from the box centre): ``inverse(p)``'s shift."""
-    inv = inverse(p)
-    return inv.shift_x, inv.shift_y
+    """Where the particle centre lies in the raw image (pixels from the box centre): the point ``c`` with
+    ``T_P(c) = 0``, i.e. ``c = -R(-angle) s`` whether or not ``P`` mirrors (the mirror fixes the origin).
+
+    This is ``inverse(p)``'s shift only for an unmirrored ``p``: a mirrored inverse applies its shift before its
+    mirror, so its shift is the x-mirrored centre. SPHIRE likewise takes the centre from the inverse of
+    ``(angle, sx, sy)`` with the mirror left out (``inverse_transform2``).
+    """
+    rx, ry = _rotate(-p.angle, p.shift_x, p.shift_y)
+    return -rx, -ry
 
 
 def from_centre_and_angle(centre_x: Array, centre_y: Array, angle: Array, mirror: Array) -> Transform2D:

@@ -81,7 +81,7 @@ def test_finds_the_right_reference_among_50_views(projections50):
     ang, shift, mirror_ok = errors(res.params, T.inverse(q))
     assert mirror_ok.all() and np.median(ang) < 2.0
     found_centre = np.stack([np.asarray(c) for c in T.particle_centre(res.params)], -1)
-    true_centre = np.stack([np.asarray(q.shift_x), np.asarray(q.shift_y)], -1)
+    true_centre = np.stack([np.asarray(c) for c in T.particle_centre(T.inverse(q))], -1)  # T_q(0): q's shift, x-mirrored if q mirrors
     centre_error = np.hypot(*(found_centre - true_centre).T)
     assert centre_error.mean() < 0.5, centre_error
 

@@ -72,8 +72,14 @@ def test_outputs_are_complete(full_run):
     assert not list(out.rglob(".*.tmp"))  # nothing half-written is left
 
 
-def test_killed_run_restarts_to_the_same_result(stack, full_run, tmp_path, monkeypatch):
-    out_full, _ = full_run
+def test_killed_run_restarts_to_the_same_result(stack, tmp_path, monkeypatch):
+    # A stricter threshold than PARAMS' so that generation 1 leaves enough particles for more generations
+    # (with PARAMS it accounts 200 of 240 and the run ends after one generation).
+    params = PARAMS._replace(thld_err=0.55)
+    out_full = tmp_path / "uninterrupted"
+    summary = pipeline.classify(stack[0], params, out_full, seed=3, data_id="test")
+    assert len(summary["generations"]) >= 2
+    tmp_path = tmp_path / "killed"
     real = isac.run_generation
     calls = {"n": 0}
 
@@ -85,11 +91,11 @@ def test_killed_run_restarts_to_the_same_result(stack, full_run, tmp_path, monke
 
     monkeypatch.setattr(isac, "run_generation", dies_in_generation_2)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test")
+        pipeline.classify(stack[0], params, tmp_path, seed=3, data_id="test")
     assert (tmp_path / "checkpoint" / "state.npz").exists()
     assert not (tmp_path / "summary.json").exists()  # an interrupted run does not look finished
     monkeypatch.setattr(isac, "run_generation", real)
-    pipeline.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test")
+    pipeline.classify(stack[0], params, tmp_path, seed=3, data_id="test")
     for name in ("particle_classes.txt", "all_parameters.txt"):
         np.testing.assert_allclose(np.loadtxt(tmp_path / name), np.loadtxt(out_full / name), atol=1e-3)
 
@@ -133,3 +139,10 @@ def test_stability_criterion_is_pluggable(stack, tmp_path):
     assert summary["accounted_fraction"] == 1.0
     with pytest.raises(ValueError, match="not a known criterion"):
         stability.make_criterion("nope", 0.7, 29.0)
+
+
+def test_a_run_that_accepts_nothing_still_writes_its_outputs(tmp_path):
+    summary = pipeline.write_final(tmp_path, isac.IsacState.start(70), PARAMS, {})
+    assert summary["accounted"] == 0 and summary["classes"] == 0
+    assert (np.loadtxt(tmp_path / "particle_classes.txt")[:, 0] == 0).all()
+    assert (np.loadtxt(tmp_path / "all_parameters.txt")[:, 3] == -1).all()

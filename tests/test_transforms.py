@@ -96,12 +96,16 @@ def test_apply_then_apply_equals_compose(structured_image):
         assert np.abs(twice - wrong_order)[inner].max() > 0.1 * scale  # the check can fail
 
 
-def test_particle_centre_is_where_the_particle_sits():
-    p = T.make_transform(40.0, 3.0, -2.0, False)  # aligned image = raw rotated then shifted
+@pytest.mark.parametrize("mirror", [False, True])
+def test_particle_centre_is_where_the_particle_sits(mirror):
+    p = T.make_transform(40.0, 3.0, -2.0, mirror)  # aligned image = raw rotated, shifted (and mirrored)
     cx, cy = T.particle_centre(p)
     # T(c) must be the box centre
-    mapped = ref.matrix(40.0, 3.0, -2.0, False) @ np.array([float(cx), float(cy), 1.0])
+    mapped = ref.matrix(40.0, 3.0, -2.0, mirror) @ np.array([float(cx), float(cy), 1.0])
     np.testing.assert_allclose(mapped[:2], 0.0, atol=1e-5)
+    # the polar search's report of a rotation about c has its centre at c
+    back = T.particle_centre(T.from_centre_and_angle(cx, cy, 75.0, mirror))
+    np.testing.assert_allclose([float(back[0]), float(back[1])], [float(cx), float(cy)], atol=1e-5)
 
 
 def test_from_centre_and_angle_is_compose():
