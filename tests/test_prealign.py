@@ -26,7 +26,9 @@ def test_recovers_relative_centres(projections50):
     parts = synthetic.add_noise(T.apply_transform(jnp.asarray(views), q), 1.0, jax.random.key(0))
     parts = np.asarray(filters.normalize_in_mask(parts, filters.circular_mask(box, box, radius)))
     shifts = prealign.prealign(parts, radius, jax.random.key(1), prealign.PrealignOptions(maxit=6))
-    # particle centre in the raw image is q's shift: the correction must be its negative, up to a common offset
-    residual = shifts + offsets
+    # the particle centre in the raw image is T_q(0), q's shift x-mirrored when q mirrors: the correction must be
+    # its negative, up to a common offset
+    centres = np.stack([np.asarray(c) for c in T.particle_centre(T.inverse(q))], -1)
+    residual = shifts + centres
     residual -= np.median(residual, 0)
     assert np.median(np.hypot(*residual.T)) < 1.0

@@ -131,7 +131,7 @@ def test_killed_process_restarts_to_the_same_result(tmp_path):
         return [sys.executable, "-m", "jisac", f"data.stack={tmp_path / 'p.star'}", f"output_dir={out}",
                 f"isac.radius={RADIUS}", f"isac.target_radius={RADIUS}", f"isac.target_nx={BOX}", "isac.img_per_grp=30",
                 "isac.minimum_grp_size=25", "isac.maxit=10", "isac.init_iter=2", "isac.stab_ali=3",
-                "isac.skip_prealignment=true"]
+                "isac.skip_prealignment=true", "isac.thld_err=0.45"]  # strict enough to need a second generation
 
     subprocess.run(command(tmp_path / "full"), check=True, capture_output=True, timeout=600)
     generations = len(np.atleast_1d(__import__("json").loads((tmp_path / "full" / "summary.json").read_text())["generations"]))
