@@ -105,3 +105,27 @@ def add_noise(images: Array, snr: float, key: Array, mask: np.ndarray | None = N
     var = jnp.sum(jnp.square(images - mean) * m, axis=(-2, -1), keepdims=True) / count
     noise = jax.random.normal(key, images.shape, jnp.float32)
     return images + noise * jnp.sqrt(var / snr)
+
+
+def known_view_particles(
+    n: int, box: int, radius: float, n_views: int, snr: float, max_shift: float = 1.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy particles with known views, for end-to-end tests: ``(particles (n, box, box) float32, view (n,))``.
+
+    Each particle is one of ``n_views`` well-spread projections (``hemisphere_directions``) of a phantom filling
+    85 % of ``radius`` px, rotated in plane, shifted by up to ``max_shift`` px and mirrored at random
+    (``numpy`` generator ``seed``), plus white noise at ``snr`` (``jax.random.key(seed + 1)``).
+    """
+    from jisac import transforms as T
+
+    phantom = make_phantom(radius=0.85 * radius, seed=1)
+    rot, tilt = hemisphere_directions(n_views)
+    views = project(phantom, euler_to_matrix(rot, tilt, 0), box)
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, n_views, n)
+    q = T.make_transform(
+        rng.uniform(0, 360, n), rng.uniform(-max_shift, max_shift, n), rng.uniform(-max_shift, max_shift, n),
+        rng.integers(0, 2, n).astype(bool),
+    )
+    particles = add_noise(T.apply_transform(views[truth], q), snr, jax.random.key(seed + 1))
+    return np.asarray(particles), truth

@@ -13,22 +13,13 @@ import jax
 
 
 def make_stack(folder: Path) -> Path:
-    import numpy as np
     import pandas as pd
 
     from jisac import synthetic
-    from jisac import transforms as T
     from jisac.io.star import write_stack_and_star
 
     box, radius, n = 48, 18, 160
-    phantom = synthetic.make_phantom(radius=0.85 * radius, seed=1)
-    rot, tilt = synthetic.hemisphere_directions(4)
-    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), box)
-    rng = np.random.default_rng(0)
-    truth = rng.integers(0, 4, n)
-    q = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-1, 1, n), rng.uniform(-1, 1, n),
-                         rng.integers(0, 2, n).astype(bool))
-    parts = np.asarray(synthetic.add_noise(T.apply_transform(views[truth], q), 0.3, jax.random.key(1)))
+    parts, truth = synthetic.known_view_particles(n, box, radius, n_views=4, snr=0.3)
     path = folder / "particles.star"
     if not path.exists():
         write_stack_and_star(path, folder / "particles.mrcs", parts, pd.DataFrame({"myTruth": truth}), pixel_size=1.5)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import starfile
 
-from jisac import config, filters, run, synthetic
+from jisac import config, run, synthetic
 from jisac import transforms as T
 from jisac.io import hdf
 from jisac.io.star import write_stack_and_star
@@ -20,13 +20,7 @@ BOX, RADIUS, N = 48, 18, 240
 @pytest.fixture(scope="module")
 def star_stack(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stack")
-    phantom = synthetic.make_phantom(radius=0.85 * RADIUS, seed=1)
-    rot, tilt = synthetic.hemisphere_directions(4)
-    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), BOX)
-    rng = np.random.default_rng(0)
-    truth = rng.integers(0, 4, N)
-    q = T.make_transform(rng.uniform(0, 360, N), rng.uniform(-1, 1, N), rng.uniform(-1, 1, N), rng.integers(0, 2, N).astype(bool))
-    parts = np.asarray(synthetic.add_noise(T.apply_transform(views[truth], q), 0.3, jax.random.key(1)))
+    parts, truth = synthetic.known_view_particles(N, BOX, RADIUS, n_views=4, snr=0.3)
     meta = pd.DataFrame({"rlnMicrographName": [f"mic{i % 7}.mrc" for i in range(N)], "myTruth": truth})
     write_stack_and_star(folder / "particles.star", folder / "particles.mrcs", parts, meta, pixel_size=1.5)
     return folder / "particles.star", truth

@@ -7,14 +7,12 @@ import math
 import subprocess
 import sys
 
-import jax
 import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
 
 from jisac import cache, synthetic, sweep
-from jisac import transforms as T
 from jisac.io.star import write_stack_and_star
 
 BOX, RADIUS, N = 32, 12, 60  # tiny: 2-3 classes of 20-30 particles; every JAX compile counts
@@ -35,14 +33,7 @@ def _sweep(stack, out, cache_dir, *overrides):
 def first_sweep(tmp_path_factory):
     """A 2 x 2 sweep on a fresh cache in which one combination is invalid (minimum_grp_size 25 > img_per_grp 20)."""
     folder = tmp_path_factory.mktemp("sweep")
-    phantom = synthetic.make_phantom(radius=0.85 * RADIUS, seed=1)
-    rot, tilt = synthetic.hemisphere_directions(3)
-    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), BOX)
-    rng = np.random.default_rng(0)
-    truth = rng.integers(0, 3, N)
-    q = T.make_transform(rng.uniform(0, 360, N), rng.uniform(-1, 1, N), rng.uniform(-1, 1, N),
-                         rng.integers(0, 2, N).astype(bool))
-    parts = np.asarray(synthetic.add_noise(T.apply_transform(views[truth], q), 0.5, jax.random.key(1)))
+    parts, _ = synthetic.known_view_particles(N, BOX, RADIUS, n_views=3, snr=0.5)
     stack = folder / "p.star"
     write_stack_and_star(stack, folder / "p.mrcs", parts, pixel_size=2.0)
     proc = _sweep(stack, folder / "s1", folder / "cache", "isac.img_per_grp=20,30", "isac.minimum_grp_size=10,25")
