@@ -16,6 +16,10 @@ Work is split into fixed-size chunks so memory stays bounded whatever N and K ar
 chunks of ``particle_chunk`` (the last one padded), inside one jitted call sub-batches of ``particle_batch``
 (``lax.map``) and references in chunks of ``reference_chunk`` (padded with masked references). The contraction
 is frequency-major and skips the (ring, frequency) pairs the angular band limit leaves empty.
+
+Host memory: ``alignment_table`` returns every pair's parameters and score (17 bytes per pair),
+``alignment_scores`` the ``(n, k)`` float32 scores only; ISAC's MRA uses the latter and then
+``align_to_assigned``, the same search against each particle's assigned reference alone.
 """
 
 from __future__ import annotations
@@ -227,6 +231,32 @@ def _correlate(spec: Array, blocks: tuple[Array, ...], options: AlignOptions) ->
     return corr.reshape(b, s, m, geom.n_angles)
 
 
+def _angle_step(options: AlignOptions) -> int:
+    """Stride of the angles tried, in samples: 1, or the coarse (``dst``) step."""
+    if options.coarse_step_deg > 0:
+        return max(1, int(options.coarse_step_deg / 360.0 * options.geometry.n_angles))
+    return 1
+
+
+def _candidate_peaks(corr: Array, options: AlignOptions) -> Array:
+    """``(b, s, nm*kc, A)`` correlations -> ``(b, kc, nm*s)`` best score over the angles tried, per reference
+    and candidate (mirror, centre), ordered ``mirror * s + (s - 1 - shift)``.
+
+    The order makes argmax's first-hit rule reproduce SPHIRE's tie-breaking (§5.5): straight before mirrored,
+    later grid points before earlier ones.
+    """
+    b, s, m, _ = corr.shape
+    nm = 2 if options.mirror else 1
+    peak = corr[..., :: _angle_step(options)].max(-1).reshape(b, s, nm, m // nm)
+    return jnp.flip(peak, 1).transpose(0, 3, 2, 1).reshape(b, m // nm, nm * s)
+
+
+def _score_per_reference(corr: Array, valid: Array, options: AlignOptions) -> Array:
+    """``(b, kc)`` best score per reference (``-inf`` for padding references): the ``score`` of
+    ``_best_per_reference`` (the same max, bit for bit) without the parameters."""
+    return jnp.where(valid[None, :], _candidate_peaks(corr, options).max(-1), -jnp.inf)
+
+
 def _best_per_reference(corr: Array, offsets: Array, centre: Array, valid: Array, options: AlignOptions):
     """Reduces ``(b, s, nm*kc, A)`` correlations to the best (angle, centre, mirror, score) per reference.
 
@@ -234,22 +264,11 @@ def _best_per_reference(corr: Array, offsets: Array, centre: Array, valid: Array
     winner's angle with parabolic refinement. Ties go to the later grid point and to the mirrored match only
     when strictly better (SPHIRE, §5.5).
     """
-    geom = options.geometry
-    n_angles = geom.n_angles
+    n_angles = options.geometry.n_angles
     b, s, m, _ = corr.shape
-    nm = 2 if options.mirror else 1
-    kc = m // nm
-    if options.coarse_step_deg > 0:
-        step = max(1, int(options.coarse_step_deg / 360.0 * n_angles))
-        coarse = corr[..., ::step]
-        peak = coarse.max(-1)  # (b, s, m)
-    else:
-        step = 1
-        peak = corr.max(-1)
-    peak = peak.reshape(b, s, nm, kc)
-    # Order candidates (mirror, shift) so that argmax's first-hit rule reproduces SPHIRE's tie-breaking:
-    # straight before mirrored, later shifts before earlier ones.
-    cand = jnp.flip(peak, 1).transpose(0, 3, 2, 1).reshape(b, kc, nm * s)  # index = mirror * s + (s-1-shift)
+    kc = m // (2 if options.mirror else 1)
+    step = _angle_step(options)
+    cand = _candidate_peaks(corr, options)
     best = jnp.argmax(cand, -1)  # (b, kc)
     score = jnp.take_along_axis(cand, best[..., None], -1)[..., 0]
     mirror = best // s
@@ -294,6 +313,19 @@ def _table_batch(images: Array, centres: Array, bank: ReferenceBank, options: Al
     return jax.tree.map(to_bk, params), to_bk(score)
 
 
+def _scores_batch(images: Array, centres: Array, bank: ReferenceBank, options: AlignOptions) -> Array:
+    """``_table_batch``'s scores alone, ``(b, K)``: the per-pair parameters (the winner's angle refinement and
+    centre) are never computed, nor written to the host."""
+    spec = _particle_spectra(images, centres, options)
+
+    def one_chunk(args):
+        blocks, valid = args
+        return _score_per_reference(_correlate(spec, blocks, options), valid, options)
+
+    score = jax.lax.map(one_chunk, (bank.blocks, bank.valid))  # (chunks, b, kc)
+    return jnp.moveaxis(score, 0, 1).reshape(score.shape[1], -1)
+
+
 def _map_batches(fn, images: Array, centres: Array, batch: int):
     """Applies ``fn`` to fixed-size sub-batches of particles with ``lax.map`` (``n`` must divide by ``batch``)."""
     n = images.shape[0]
@@ -307,6 +339,11 @@ def _map_batches(fn, images: Array, centres: Array, batch: int):
 @functools.partial(jax.jit, static_argnames=("options",))
 def _table_chunk(images, centres, bank, options):
     return _map_batches(lambda i, c: _table_batch(i, c, bank, options), images, centres, options.particle_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _scores_chunk(images, centres, bank, options):
+    return _map_batches(lambda i, c: _scores_batch(i, c, bank, options), images, centres, options.particle_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
@@ -333,13 +370,16 @@ def _sharded(fn, mesh, options: AlignOptions, n_split: int = 2):
     )
 
 
-def _iterate_chunks(fn, images, params, bank, options: AlignOptions, particle_chunk: int, progress, mesh, labels=None):
+def _iterate_chunks(
+    fn, images, params, bank, options: AlignOptions, particle_chunk: int, progress, mesh, labels=None, n_columns=None
+):
     """Host loop over fixed-size particle chunks (the last one padded), returning the outputs as host arrays.
 
     ``fn(images, centres, [labels,] bank, options)``. With a mesh, each chunk is split evenly over its devices
     (one shard per device; with several processes each reads only its devices' rows) and the bank is
     replicated; results are identical to the single-device run. Outputs are written into preallocated host
-    arrays (no concatenated copies).
+    arrays (no concatenated copies); ``n_columns`` keeps only the first columns of ``(b, K)`` outputs (drops the
+    padding references before they reach the host buffers, so an ``(n, k)`` table is never copied to trim it).
     """
     from jisac import hardware
 
@@ -369,6 +409,8 @@ def _iterate_chunks(fn, images, params, bank, options: AlignOptions, particle_ch
         if mesh is None:
             per_particle[0] = per_particle[0][:]
         out = jax.tree.map(hardware.fetch, call(*per_particle))
+        if n_columns is not None:
+            out = jax.tree.map(lambda a: a[:, :n_columns] if a.ndim > 1 else a, out)
         if outs is None:
             outs = jax.tree.map(lambda a: np.empty((n,) + a.shape[1:], a.dtype), out)
         jax.tree.map(lambda dst, src, a=start, b=stop: dst.__setitem__(slice(a, b), src[: b - a]), outs, out)
@@ -421,12 +463,36 @@ def alignment_table(
     """Best parameters and score of every (particle, reference) pair: fields of shape ``(n, k)``.
 
     Arguments as ``align_to_references``; ``n_references`` trims the padding references of the last chunk
-    (default: all valid references). The table is returned as host (NumPy) arrays: for big ``n k`` it is the
-    largest thing a generation holds.
+    (default: all valid references). The table is returned as host (NumPy) arrays, 17 bytes per pair (3.4 GB
+    for 200,000 x 1,000): where only the chosen pair's parameters are needed, as in ISAC's MRA, use
+    ``alignment_scores`` (4 bytes per pair) and ``align_to_assigned``.
     """
-    params_, score = _iterate_chunks(_table_chunk, images, params, bank, options, particle_chunk, progress, mesh)
     k = int(np.asarray(bank.valid).sum()) if n_references is None else n_references
-    return AlignmentTable(jax.tree.map(lambda a: a[:, :k], params_), score[:, :k])
+    params_, score = _iterate_chunks(
+        _table_chunk, images, params, bank, options, particle_chunk, progress, mesh, n_columns=k
+    )
+    return AlignmentTable(params_, score)
+
+
+def alignment_scores(
+    images,
+    bank: ReferenceBank,
+    options: AlignOptions = AlignOptions(),
+    params: Transform2D | None = None,
+    particle_chunk: int = 512,
+    n_references: int | None = None,
+    progress=None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> np.ndarray:
+    """Best score of every (particle, reference) pair: ``alignment_table(...).score`` (the same values, bit
+    for bit) without the per-pair parameters.
+
+    Arguments as ``alignment_table``. Returns a ``(n, k)`` float32 NumPy array, the only ``n k`` thing held on
+    the host (4 bytes per pair; the parameter table would add 13). ISAC's MRA needs the parameters of the
+    assigned pair only: get them with ``align_to_assigned`` (the same search restricted to that reference).
+    """
+    k = int(np.asarray(bank.valid).sum()) if n_references is None else n_references
+    return _iterate_chunks(_scores_chunk, images, params, bank, options, particle_chunk, progress, mesh, n_columns=k)
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
@@ -468,11 +534,18 @@ def align_to_assigned(
     particle_chunk: int = 512,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Transform2D, Array]:
-    """Aligns each particle to one given reference (its class average): ISAC's within-group alignment step.
+    """Aligns each particle to one given reference: ISAC's within-group alignment step, and the parameters of
+    the assigned class after an MRA's equal-size assignment.
+
+    It is the table's search restricted to one reference per particle (same grid about the same current
+    centre, same ring normalisation, angle search and mirror tie-breaking; ``_best_per_reference``), so its
+    result is ``alignment_table(...)`` at ``(i, labels[i])`` up to float rounding (the contraction sums in
+    another order; only a near-tie between two grid points or mirrors can then pick the other), for ``1 / k``
+    of the table's work and ``(n,)`` memory. Pass the references the bank was made from, with the same options.
 
     Args:
         images: ``(n, ny, nx)`` particles.
-        spectra: ``prepare_assigned_references(averages, options)``.
+        spectra: ``prepare_assigned_references(references, options)``, ``(k, n_mirror, n_rings, n_freqs)``.
         labels: ``(n,)`` index of each particle's reference.
         options, params, particle_chunk, mesh: as ``align_to_references``.
 

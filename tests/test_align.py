@@ -194,3 +194,40 @@ def test_sharded_over_devices_equals_single_device(projections50):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     best = align.align_to_references(parts, bank, DEFAULT, particle_chunk=16, mesh=mesh)
     np.testing.assert_array_equal(np.asarray(best.reference), np.argmax(np.asarray(one.score), 1))
+
+
+def test_scores_only_table_and_assigned_search_match_the_full_table(projections50):
+    """ISAC's MRA keeps only the (n, k) scores and re-searches each particle against its assigned reference:
+    the scores must be the table's, and the paired search must give the table's parameters for the pair."""
+    rng = np.random.default_rng(8)
+    n, k = 24, 20
+    parts = synthetic.add_noise(projections50[10:10 + n], 0.3, jax.random.key(8), mask=MASK)
+    refs = filters.subtract_masked_mean(jnp.asarray(projections50[:k]), MASK)  # as isac.run_generation's
+    # Current parameters away from the box centre (integer centres, as ISAC's), some mirrored: the grid must be
+    # centred on the same point in both searches.
+    current = T.from_centre_and_angle(rng.integers(-1, 2, n).astype(np.float32), rng.integers(-1, 2, n).astype(np.float32),
+                                      rng.uniform(0, 360, n).astype(np.float32), rng.integers(0, 2, n).astype(bool))
+    bank = align.prepare_references(refs, DEFAULT)  # 20 refs in chunks of 16: padded, trimmed
+    table = align.alignment_table(parts, bank, DEFAULT, params=current, particle_chunk=16)
+    scores = align.alignment_scores(parts, bank, DEFAULT, params=current, particle_chunk=16)
+    assert scores.shape == (n, k) and scores.flags.c_contiguous
+    np.testing.assert_array_equal(scores, table.score)
+
+    # Every (particle, reference) pair at once: particle i repeated k times, copy j assigned to reference j.
+    labels = np.tile(np.arange(k), n)
+    rep = lambda a: np.repeat(np.asarray(a), k, 0)  # noqa: E731
+    spectra = align.prepare_assigned_references(refs, DEFAULT)
+    found, score = align.align_to_assigned(rep(parts), spectra, labels, DEFAULT, params=jax.tree.map(rep, current),
+                                           particle_chunk=64)
+    want = jax.tree.map(lambda a: np.asarray(a).ravel(), table.params)
+    np.testing.assert_allclose(np.asarray(score), table.score.ravel(), rtol=1e-5, atol=1e-6)
+    same = (np.asarray(found.mirror) == want.mirror) & (np.abs(np.asarray(found.shift_x) - want.shift_x) < 1e-3) \
+        & (np.abs(np.asarray(found.shift_y) - want.shift_y) < 1e-3)
+    assert same.mean() >= 0.98, same.mean()
+    assert angle_error(np.asarray(found.angle)[same], want.angle[same]).max() < 0.01
+    # A random equal-size-like assignment picks the same entries (the way isac.run_generation uses it).
+    assigned = rng.permutation(np.arange(n) % k)
+    one, _ = align.align_to_assigned(parts, spectra, assigned, DEFAULT, params=current, particle_chunk=16)
+    pick = np.arange(n) * k + assigned
+    np.testing.assert_array_equal(np.asarray(one.mirror), np.asarray(found.mirror)[pick])
+    np.testing.assert_allclose(np.asarray(one.angle), np.asarray(found.angle)[pick], atol=1e-3)
