@@ -5,7 +5,7 @@ The stack: N CTF-modulated noisy projections (128 px, 2 A/px, particle radius 50
 ``python -m jisac data.stack=... isac.radius=50 isac.ctf=true isac.img_per_grp=100`` would (default ISAC
 parameters otherwise). Prints a table and, last, one JSON line.
 
-    python benchmarks/bench_isac.py               # N = 10,000 (the issue's setting; hours on a 2-core CPU)
+    python benchmarks/bench_isac.py               # N = 10,000 (about 45 min on a 2-core CPU; docs/benchmarks.md)
     python benchmarks/bench_isac.py --n 1000      # a quick check
 """
 
