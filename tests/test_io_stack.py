@@ -66,7 +66,8 @@ def test_iter_batches_reads_only_each_batch(stack_file, monkeypatch):
     original = MrcImageFile.read
 
     def spy(self, indices):
-        assert isinstance(self._data, np.memmap)  # memory-mapped, not loaded
+        # not loaded: the reader holds no image array, only the header facts (shape, dtype, data offset)
+        assert not any(isinstance(v, np.ndarray) for v in vars(self).values())
         requested.append(np.asarray(indices).copy())
         return original(self, indices)
 
@@ -120,3 +121,25 @@ def test_check_finite_mask():
     mask = check_finite(images, np.arange(10, 16), drop_nonfinite=True)
     np.testing.assert_array_equal(mask, [True, False, True, True, False, True])
     assert check_finite(_images(3), np.arange(3)).all()
+
+
+def test_mrc_reads_only_the_asked_images_in_any_order(tmp_path):
+    """Plain reads of runs of consecutive images (no memory map): any order, repeats, int16 data after an
+    extended header, and an index past the end is an IndexError naming the file."""
+    import mrcfile
+
+    from jisac.io import mrc
+
+    x = np.random.default_rng(0).normal(size=(37, 12, 10)).astype(np.float32)
+    with mrcfile.new(tmp_path / "s.mrcs") as m:
+        m.set_extended_header(np.zeros(7, dtype=[("a", "<i4")]))
+        m.set_data((x * 100).astype(np.int16))
+        m.set_image_stack()
+    f = mrc.MrcImageFile(tmp_path / "s.mrcs")
+    want = (x * 100).astype(np.int16).astype(np.float32)
+    idx = [5, 6, 7, 0, 36, 6, 20, 21, 3]
+    np.testing.assert_array_equal(f.read(idx), want[idx])
+    np.testing.assert_array_equal(f.read(np.arange(37)), want)
+    assert f.read([]).shape == (0, 12, 10)
+    with pytest.raises(IndexError, match="s.mrcs: image index out of range"):
+        f.read([37])

@@ -1,6 +1,8 @@
 """MRC/MRCS image stacks (via ``mrcfile``, the CCP-EM reference implementation of the format).
 
-Reading is lazy: :class:`MrcImageFile` memory-maps the file (``mrcfile.mmap``) and copies only the images asked for.
+Reading is lazy: :class:`MrcImageFile` reads the header with ``mrcfile`` and then only the bytes of the images asked
+for, with plain file reads: pages of a memory map would stay resident in the process once read, so streaming a
+stack larger than RAM through one would grow the process to the size of the stack.
 A 2D MRC file is one image; a 3D one (``.mrcs`` or ``.mrc``) is a stack of ``nz`` images, as RELION reads them.
 """
 
@@ -59,21 +61,41 @@ class MrcImageFile:
             self._mrc.close()
             raise StackError(f"{self.path}: the MRC header does not describe 2D images or an image stack; "
                              "check the file or re-export it")
-        self._data = data[None] if data.ndim == 2 else data
-        self.shape = tuple(int(s) for s in self._data.shape)
+        self.shape = tuple(int(s) for s in (data[None] if data.ndim == 2 else data).shape)
+        self._dtype = data.dtype  # with the file's byte order, as mrcfile interprets the mode
+        self._offset = 1024 + int(self._mrc.header.nsymbt)  # the data follow the header and extended header
         size = float(self._mrc.voxel_size.x)
         self.pixel_size = size if size > 0 else None
+        self._mrc.close()  # nothing of the memory map is used from here on
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def read(self, indices) -> np.ndarray:
-        """The images at 0-based ``indices`` (``(k,)`` int, any order) as ``(k, ny, nx)`` float32; only those
-        images' bytes are read."""
-        return np.asarray(self._data[np.asarray(indices, np.int64)], np.float32)
+        """The images at 0-based ``indices`` (``(k,)`` int, any order, repeats allowed) as ``(k, ny, nx)``
+        float32; only those images' bytes are read, one read per run of consecutive indices."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        n, ny, nx = self.shape
+        out = np.empty((len(idx), ny, nx), np.float32)
+        if not len(idx):
+            return out
+        if idx.min() < 0 or idx.max() >= n:
+            raise IndexError(f"{self.path}: image index out of range (the file holds {n} images)")
+        order = np.argsort(idx, kind="stable")
+        ordered = idx[order]
+        runs = np.split(np.arange(len(idx)), np.nonzero(np.diff(ordered) != 1)[0] + 1)
+        per_image = ny * nx
+        with open(self.path, "rb") as f:
+            for run in runs:
+                f.seek(self._offset + int(ordered[run[0]]) * per_image * self._dtype.itemsize)
+                block = np.fromfile(f, dtype=self._dtype, count=len(run) * per_image)
+                if block.size != len(run) * per_image:
+                    raise StackError(f"{self.path}: the file is shorter than its header says; re-export it")
+                out[order[run]] = block.reshape(len(run), ny, nx)
+        return out
 
     def close(self) -> None:
-        self._mrc.close()
+        """Nothing stays open between reads (kept for the reader interface)."""
 
 
 def read_mrc_table(path: str | os.PathLike) -> ParticleTable:
