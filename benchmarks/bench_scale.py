@@ -138,6 +138,7 @@ def main() -> None:
     import numpy as np
 
     from jisac import hardware, preprocess
+    from jisac.io import open_stack
 
     budget = hardware.Budget(device_bytes=args.budget_mb << 20, host_bytes=args.host_budget_mb << 20)
     mesh = hardware.data_mesh()
@@ -152,9 +153,9 @@ def main() -> None:
 
         t = time.perf_counter()
         prep = preprocess.PreprocessParams(radius, 29, 76)
-        with mrcfile.mmap(tmp / "stack.mrcs", mode="r") as mrc:
-            data = mrc.data
-            batches = lambda: ((np.arange(s, min(s + 512, args.n)), data[s : s + 512]) for s in range(0, args.n, 512))  # noqa: E731
+        # jisac's own stack reader, as `python -m jisac` reads a stack (plain reads, nothing stays resident)
+        with open_stack(tmp / "stack.mrcs") as stack:
+            batches = lambda: stack.iter_batches(512)  # noqa: E731
             disk = hardware.working_stack_on_disk(args.n, 76, budget, tmp)
             if disk is not None:
                 disk.parent.mkdir(parents=True)
