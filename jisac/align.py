@@ -501,14 +501,28 @@ def prepare_assigned_references(references: Array, options: AlignOptions) -> Arr
     return _reference_spectra(references, options)
 
 
-def _paired_batch(images: Array, centres: Array, labels: Array, spectra: Array, options: AlignOptions):
-    spec = _particle_spectra(images, centres, options).transpose(1, 2, 3, 0)  # (b, s, R, F)
-    refs = spectra[labels]  # (b, nm, R, F)
+def paired_best(spec: Array, refs: Array, centres: Array, options: AlignOptions):
+    """Best parameters and score of each particle against its own one reference.
+
+    Args:
+        spec: ``(b, s, R, F)`` particle ring spectra at the ``s`` grid centres around ``centres``.
+        refs: ``(b, nm, R, F)`` each particle's reference, as ``prepare_assigned_references`` makes it. ``F``
+            may stop below ``n_angles // 2 + 1``: the missing (band-limited) frequencies are zero.
+        centres: ``(b, 2)`` current centres (x, y), pixels.
+
+    Returns:
+        ``(params, score)`` with fields of shape ``(b,)``.
+    """
     prod = jnp.einsum("bsrf,bmrf->bsmf", spec, refs, precision=jax.lax.Precision.HIGHEST)
     corr = jnp.fft.irfft(prod, n=options.geometry.n_angles, axis=-1)  # (b, s, nm, A)
     offsets = jnp.asarray(options.grid.offsets(), jnp.float32)
     params, score = _best_per_reference(corr, offsets, centres, jnp.ones((1,), bool), options)
     return jax.tree.map(lambda a: a[:, 0], params), score[:, 0]
+
+
+def _paired_batch(images: Array, centres: Array, labels: Array, spectra: Array, options: AlignOptions):
+    spec = _particle_spectra(images, centres, options).transpose(1, 2, 3, 0)  # (b, s, R, F)
+    return paired_best(spec, spectra[labels], centres, options)
 
 
 @functools.partial(jax.jit, static_argnames=("options",))

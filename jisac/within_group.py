@@ -110,7 +110,6 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
     window = np.stack([wx.ravel(), wy.ravel()], -1).astype(np.float64)  # (P, 2), y outer, x inner
     grid = np.round(options.grid.offsets()).astype(np.int32)  # (S, 2)
     reach = int(np.abs(grid).max())
-    offsets = jnp.asarray(options.grid.offsets(), jnp.float32)
 
     # 1. Refresh the windows of the particles whose grid leaves them, b at a time (a dynamic number of steps).
     rel = centres - anchor
@@ -135,16 +134,13 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
         kb = k[rows]
         idx = (kb[:, None, 1] + grid[None, :, 1] + w) * side + (kb[:, None, 0] + grid[None, :, 0] + w)  # (b, S)
         spec = cache[rows[:, None], idx]  # (b, S, R, F_used)
-        refs = spectra[labels[rows]]  # (b, nm, R, F_used)
-        prod = jnp.einsum("bsrf,bmrf->bsmf", spec, refs, precision=jax.lax.Precision.HIGHEST)
-        corr = jnp.fft.irfft(prod, n=options.geometry.n_angles, axis=-1)  # (b, S, nm, A); high freqs are zero
-        c, ones = centres[rows], jnp.ones((1,), bool)
+        refs, c = spectra[labels[rows]], centres[rows]  # (b, nm, R, F_used), (b, 2)
         found, _ = jax.lax.cond(
             use_coarse,
-            lambda: align._best_per_reference(corr, offsets, c, ones, coarse),
-            lambda: align._best_per_reference(corr, offsets, c, ones, options),
+            lambda: align.paired_best(spec, refs, c, coarse),
+            lambda: align.paired_best(spec, refs, c, options),
         )
-        return jax.tree.map(lambda o, f: jax.lax.dynamic_update_slice_in_dim(o, f[:, 0], i * b, 0), out, found)
+        return jax.tree.map(lambda o, f: jax.lax.dynamic_update_slice_in_dim(o, f, i * b, 0), out, found)
 
     zeros = jnp.zeros((n,), jnp.float32)
     out = jax.lax.fori_loop(0, n // b, batch, Transform2D(zeros, zeros, zeros, jnp.zeros((n,), bool)))
