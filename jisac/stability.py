@@ -285,7 +285,7 @@ def reassign_with_run_averages(
 
     For every run ``j``: each class is averaged with run ``j``'s parameters of its members (low-passed with
     ``lowpass = (cutoff, falloff)`` if given, ISAC's final filter), every member is aligned to all the averages
-    (multi-reference alignment about its run-``j`` centre, ``align.alignment_table``) and the members are split
+    (multi-reference alignment about its run-``j`` centre, ``align.alignment_scores``) and the members are split
     into classes of equal size (``eqkmeans.assign_equal_size``), as one EQ-K-means step of ISAC.
 
     Args:
@@ -301,7 +301,7 @@ def reassign_with_run_averages(
 
     n_classes, n_runs = runs.angle.shape[:2]
     cls, slot, index = _members_flat(member, labels)
-    imgs = np.asarray(np.asarray(images)[index], np.float32)
+    imgs = np.asarray(images[index], np.float32)  # only the members' rows (images may be a memory map)
     mask = filters.circular_mask(imgs.shape[1], imgs.shape[2], mask_radius)
     out = []
     for j in range(n_runs):
@@ -310,8 +310,8 @@ def reassign_with_run_averages(
         if lowpass is not None:
             averages = filters.tanh_lowpass(averages, *lowpass)
         bank = align.prepare_references(filters.subtract_masked_mean(averages, mask), options)
-        table = align.alignment_table(imgs, bank, options, params=p_j, n_references=n_classes)
-        out.append(np.asarray(assign_equal_size(table.score)))
+        scores = align.alignment_scores(imgs, bank, options, params=p_j, n_references=n_classes)
+        out.append(np.asarray(assign_equal_size(scores)))
     return np.stack(out)
 
 
@@ -448,7 +448,7 @@ def split_half_resolution(params: Transform2D, member, images, labels, radius: f
     n_classes = np.shape(member)[0]
     cls, slot, index = _members_flat(member, labels)
     rank = (np.cumsum(np.asarray(member), 1) - 1)[cls, slot]
-    imgs = np.asarray(np.asarray(images)[index], np.float32)
+    imgs = np.asarray(images[index], np.float32)  # only the members' rows (images may be a memory map)
     p = Transform2D(*(np.asarray(f)[cls, slot] for f in params))
     halves = average.class_averages(imgs, p, 2 * cls + rank % 2, 2 * n_classes)
     ny, nx = imgs.shape[1:]
