@@ -173,6 +173,17 @@ class RowRange:
         return self[:].astype(dtype or np.float32)
 
 
+def _in_memory(a) -> bool:
+    """A NumPy array held in RAM (not a memory map): fancy indexing it is cheap and copies only those rows."""
+    return isinstance(a, np.ndarray) and not isinstance(a, np.memmap)
+
+
+def take_rows(images, index):
+    """The rows ``index`` of ``images``: a copy of them for an in-memory array, else a lazy ``Rows`` view (a
+    memory map is never read whole)."""
+    return images[np.asarray(index)] if _in_memory(images) else Rows(images, index)
+
+
 class Rows:
     """A lazy view of the rows ``index`` of ``images`` (e.g. a generation's working set of a memory-mapped
     stack): slicing it reads only the rows asked for."""
@@ -190,7 +201,7 @@ class Rows:
         rows = self.index[key[0]]
         if np.ndim(rows) == 0:
             return np.asarray(self.images[int(rows)])[key[1:]]
-        if isinstance(self.images, np.ndarray) and not isinstance(self.images, np.memmap):
+        if _in_memory(self.images):
             return self.images[rows][(slice(None),) + key[1:]]
         # a memory map or another lazy view: read in increasing order
         order = np.argsort(rows, kind="stable")

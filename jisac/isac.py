@@ -355,8 +355,7 @@ def run_isac(
         g = state.generation + 1
         work_idx = state.pool
         say(f"generation {g}: {len(work_idx)} particles in {len(work_idx) // p.img_per_grp} classes")
-        working = images[work_idx] if isinstance(images, np.ndarray) and not isinstance(images, np.memmap) else \
-            hardware.Rows(images, work_idx)
+        working = hardware.take_rows(images, work_idx)
         result = run_generation(working, jax.random.fold_in(root, g), p, mesh, progress, criterion, budget)
         n_good = 0
         for c in result.accepted:

@@ -141,7 +141,7 @@ def _kept(images, keep: np.ndarray):
     a lazy view (memory-mapped)."""
     if len(keep) == images.shape[0]:
         return images
-    return hardware.Rows(images, keep) if isinstance(images, np.memmap) else np.asarray(images)[keep]
+    return hardware.take_rows(images, keep)
 
 
 def _preprocess(stack, prep: preprocess.PreprocessParams, p, ctf_params, keep: np.ndarray, pixel_size: float,
