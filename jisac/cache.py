@@ -37,9 +37,14 @@ CACHE_VERSION = 1
 ARRAYS = ("working", "shifts", "keep")
 
 
+def user_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/jisac`` (``~/.cache/jisac`` when unset): jisac's caches (demo stacks, working stacks)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jisac"
+
+
 def default_folder() -> Path:
-    """``$XDG_CACHE_HOME/jisac/working`` (``~/.cache/jisac/working`` when unset), beside the demo stack's cache."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jisac" / "working"
+    """``<user_cache_root>/working``, beside the demo stacks."""
+    return user_cache_root() / "working"
 
 
 def resolve_folder(cache_dir: str | None) -> Path:

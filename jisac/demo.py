@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, average, config, ctf, filters, hardware, synthetic
+from jisac import align, average, cache, config, ctf, filters, hardware, synthetic
 from jisac import transforms as T
 from jisac.io.atomic import write_json
 from jisac.io.mrc import write_stack
@@ -36,10 +36,6 @@ log = logging.getLogger("jisac")
 DEMO_BOX = 96  # px; the particle radius is 36 px, so ISAC shrinks by 29/36 (exercises the resampling)
 DEMO_RADIUS = 36
 DEMO_PIXEL = 2.0  # Angstrom
-
-
-def cache_folder() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jisac"
 
 
 def demo_stack(
@@ -61,7 +57,7 @@ def demo_stack(
     settings = {"n_views": demo.n_views, "n_particles": demo.n_particles, "snr": demo.snr, "max_shift": demo.max_shift,
                 "seed": seed, "box": box, "radius": radius, "pixel_size": pixel_size, "version": 1}
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    folder = (folder or cache_folder()) / f"demo-{tag}"
+    folder = (folder or cache.user_cache_root()) / f"demo-{tag}"
     star_path = folder / "particles.star"
     if star_path.exists():
         return star_path, radius
