@@ -22,7 +22,6 @@ from pathlib import Path
 import pandas as pd
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jisac import align, average, cache, config, ctf, filters, hardware, synthetic
