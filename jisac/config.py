@@ -97,6 +97,16 @@ class AlignConfig:
     particle_chunk: int = 256  # particles per jitted call and device (host side)
 
 
+ALIGN_CHUNK_SIZES = ("particle_batch", "reference_chunk", "particle_chunk")
+
+
+def _require_positive(section: str, cfg, names) -> None:
+    """Stops with one line naming ``section.name`` for the first of ``names`` below 1."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{section}.{name} must be >= 1 (got {getattr(cfg, name)})")
+
+
 @dataclass
 class HardwareConfig:
     """Where the work runs (``jisac.hardware``): devices, memory budgets, several processes."""
@@ -113,12 +123,8 @@ class HardwareConfig:
         """The ``hardware.Budget`` for these budgets and ``align``'s preferred chunk sizes (validated)."""
         from jisac.hardware import Budget, parse_device_ids
 
-        for name in ("memory_budget_mb", "host_memory_budget_mb"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"hardware.{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("particle_batch", "reference_chunk", "particle_chunk"):
-            if getattr(align, name) < 1:
-                raise ValueError(f"align.{name} must be >= 1 (got {getattr(align, name)})")
+        _require_positive("hardware", self, ("memory_budget_mb", "host_memory_budget_mb"))
+        _require_positive("align", align, ALIGN_CHUNK_SIZES)
         parse_device_ids(self.devices)
         return Budget(self.memory_budget_mb << 20, self.host_memory_budget_mb << 20, align.particle_batch,
                       align.reference_chunk, align.particle_chunk)
@@ -232,9 +238,7 @@ def align_options(isac: IsacConfig, align: AlignConfig, n_references: int | None
             f"isac.target_radius ({isac.target_radius}) + isac.xr/yr ({max(grid.xr, grid.yr)}) does not fit in "
             f"isac.target_nx ({isac.target_nx}): rings would leave the box; lower xr or target_radius"
         )
-    for name in ("particle_batch", "reference_chunk", "particle_chunk"):
-        if getattr(align, name) < 1:
-            raise ValueError(f"align.{name} must be >= 1 (got {getattr(align, name)})")
+    _require_positive("align", align, ALIGN_CHUNK_SIZES)
     if memory_budget_mb < 1:
         raise ValueError(f"hardware.memory_budget_mb must be >= 1 (got {memory_budget_mb})")
     options = AlignOptions(
