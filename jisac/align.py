@@ -467,9 +467,8 @@ def alignment_table(
     for 200,000 x 1,000): where only the chosen pair's parameters are needed, as in ISAC's MRA, use
     ``alignment_scores`` (4 bytes per pair) and ``align_to_assigned``.
     """
-    k = int(np.asarray(bank.valid).sum()) if n_references is None else n_references
-    params_, score = _iterate_chunks(
-        _table_chunk, images, params, bank, options, particle_chunk, progress, mesh, n_columns=k
+    params_, score = _per_pair(
+        _table_chunk, images, bank, options, params, particle_chunk, n_references, progress, mesh
     )
     return AlignmentTable(params_, score)
 
@@ -491,8 +490,14 @@ def alignment_scores(
     the host (4 bytes per pair; the parameter table would add 13). ISAC's MRA needs the parameters of the
     assigned pair only: get them with ``align_to_assigned`` (the same search restricted to that reference).
     """
+    return _per_pair(_scores_chunk, images, bank, options, params, particle_chunk, n_references, progress, mesh)
+
+
+def _per_pair(fn, images, bank, options, params, particle_chunk, n_references, progress, mesh):
+    """``fn``'s ``(n, K)`` per-pair outputs for all particles, trimmed to the first ``n_references`` columns
+    (default: every valid reference) before they reach the host buffers."""
     k = int(np.asarray(bank.valid).sum()) if n_references is None else n_references
-    return _iterate_chunks(_scores_chunk, images, params, bank, options, particle_chunk, progress, mesh, n_columns=k)
+    return _iterate_chunks(fn, images, params, bank, options, particle_chunk, progress, mesh, n_columns=k)
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
