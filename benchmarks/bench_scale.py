@@ -4,7 +4,7 @@ classes for 200,000 particles), as one MRA iteration of ``isac.run_generation``.
 
 The stack (an MRCS written batch by batch through a memory map, never held in memory): noisy projections of the
 built-in phantom along 64 directions, randomly rotated and shifted. Preprocessing streams it into the 76 px
-working stack (in memory, or memory-mapped from disk above half of ``--host-budget-mb``); the MRA uses the
+working stack (in memory, or on disk above half of ``--host-budget-mb``, read by rows); the MRA uses the
 chunk sizes ``hardware.plan`` derives from ``--budget-mb`` per device; references are ``n / img_per_grp``
 random particles. The MRA keeps only the ``(n, k)`` float32 score table on the host (``--full-table``: also
 every pair's parameters, the former path, 17 instead of 4 bytes per pair). Prints a table per stage (seconds,
@@ -99,17 +99,18 @@ def classify_pass(images, k: int, budget, mesh, full_table: bool = False) -> dic
             "peak_rss_mb": {"mra": rss_mra, "assign": rss_assign, "params": rss_params}}
 
 
-def device_run(n: int, img_per_grp: int, budget_mb: int, full_table: bool = False) -> None:
+def device_run(n: int, img_per_grp: int, budget_mb: int | None, full_table: bool = False) -> None:
     """Child process of ``--device-table``: the MRA + assignment + parameters on all (forced) devices; prints one
     JSON line."""
     import numpy as np
 
-    from jisac import hardware
+    from jisac import config, hardware
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(n, 76, 76)).astype(np.float32)
     mesh = hardware.data_mesh()
-    res = classify_pass(images, max(2, n // img_per_grp), hardware.Budget(device_bytes=budget_mb << 20), mesh, full_table)
+    budget = config.HardwareConfig(memory_budget_mb=budget_mb).budget(config.AlignConfig())
+    res = classify_pass(images, max(2, n // img_per_grp), budget, mesh, full_table)
     res["devices"] = mesh.size
     res["particles_per_s"] = n / (res["mra_s"] + res["assign_s"] + res["params_s"])
     print(json.dumps(res))
@@ -120,7 +121,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--img-per-grp", type=int, default=200)
-    parser.add_argument("--budget-mb", type=int, default=1024, help="hardware.memory_budget_mb (per device)")
+    parser.add_argument("--budget-mb", type=int, default=None,
+                        help="hardware.memory_budget_mb (per device; default: the backend's preset)")
     parser.add_argument("--host-budget-mb", type=int, default=3072, help="hardware.host_memory_budget_mb")
     parser.add_argument("--device-table", action="store_true", help="also MRA + assignment on 1, 2, 4 devices")
     parser.add_argument("--full-table", action="store_true",
@@ -134,13 +136,13 @@ def main() -> None:
     from jisac import devices
 
     devices.use_all_cpu_cores()
-    import mrcfile
-    import numpy as np
-
-    from jisac import hardware, preprocess
+    from jisac import config, hardware, preprocess
+    from jisac.diskarray import DiskArray
     from jisac.io import open_stack
 
-    budget = hardware.Budget(device_bytes=args.budget_mb << 20, host_bytes=args.host_budget_mb << 20)
+    # the budgets and chunk sizes `python -m jisac` would use here (the backend's presets unless --budget-mb)
+    budget = config.HardwareConfig(memory_budget_mb=args.budget_mb,
+                                   host_memory_budget_mb=args.host_budget_mb).budget(config.AlignConfig())
     mesh = hardware.data_mesh()
     k = args.n // args.img_per_grp
     radius = int(0.4 * args.box)
@@ -160,12 +162,8 @@ def main() -> None:
             if disk is not None:
                 disk.parent.mkdir(parents=True)
             working = preprocess.prepare_working_stack(batches, args.n, prep, out_path=disk)
-        if disk is not None:
-            with mrcfile.mmap(disk, mode="r") as mrc:
-                shape, dtype = mrc.data.shape, mrc.data.dtype
-            images = np.memmap(disk, dtype=dtype, mode="r", offset=1024, shape=shape)
-        else:
-            images = working.images
+        # on disk: read by rows with plain reads, as `python -m jisac` does (jisac.diskarray)
+        images = working.images if disk is None else DiskArray.from_mrc(disk)
         rows.append(("preprocess (76 px)", time.perf_counter() - t, args.n, hardware.memory_snapshot()["peak_rss_mb"]))
 
         res = classify_pass(images, k, budget, mesh, args.full_table)
@@ -175,7 +173,7 @@ def main() -> None:
         rows.append(("assigned class params", res["params_s"], args.n, res["peak_rss_mb"]["params"]))
 
     print(f"{args.n} particles, {args.box} px -> 76 px, {k} classes, {mesh.size} {jax.default_backend()} device(s), "
-          f"working stack {'memory-mapped' if disk is not None else 'in memory'}; plan {res['plan']}")
+          f"working stack {'on disk' if disk is not None else 'in memory'}; plan {res['plan']}")
     print(f"| {'stage':<30} | {'seconds':>8} | {'particles/s':>11} | {'peak RSS MB':>11} |")
     print(f"|{'-' * 32}|{'-' * 10}|{'-' * 13}|{'-' * 13}|")
     for name, sec, count, rss in rows:
@@ -189,7 +187,7 @@ def main() -> None:
         table = []
         for d in (1, 2, 4):
             proc = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--img-per-grp", str(args.img_per_grp),
-                                   "--budget-mb", str(args.budget_mb), "--child-devices", str(d)]
+                                   "--child-devices", str(d)] + ["--budget-mb", str(args.budget_mb)] * bool(args.budget_mb)
                                   + ["--full-table"] * args.full_table,
                                   capture_output=True, text=True, check=True, env=dict(os.environ))
             table.append(json.loads(proc.stdout.strip().splitlines()[-1]))

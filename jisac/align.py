@@ -380,6 +380,8 @@ def _iterate_chunks(
     replicated; results are identical to the single-device run. Outputs are written into preallocated host
     arrays (no concatenated copies); ``n_columns`` keeps only the first columns of ``(b, K)`` outputs (drops the
     padding references before they reach the host buffers, so an ``(n, k)`` table is never copied to trim it).
+    Each chunk is dispatched before the previous one's results are fetched, so the device computes while the
+    host reads the next rows and copies results (on a GPU the host side would otherwise idle it).
     """
     from jisac import hardware
 
@@ -400,6 +402,19 @@ def _iterate_chunks(
         bank_rep = hardware.replicate(bank, mesh)
         call = lambda *per_particle: sharded(*hardware.put_rows(per_particle, mesh), bank_rep)  # noqa: E731
     outs = None
+
+    def store(start, stop, result):
+        nonlocal outs
+        out = jax.tree.map(hardware.fetch, result)
+        if n_columns is not None:
+            out = jax.tree.map(lambda a: a[:, :n_columns] if a.ndim > 1 else a, out)
+        if outs is None:
+            outs = jax.tree.map(lambda a: np.empty((n,) + a.shape[1:], a.dtype), out)
+        jax.tree.map(lambda dst, src: dst.__setitem__(slice(start, stop), src[: stop - start]), outs, out)
+        if progress is not None:
+            progress(stop, n)
+
+    pending = None
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         # Padded to the static chunk shape so there is one compilation whatever n is.
@@ -408,14 +423,12 @@ def _iterate_chunks(
             per_particle.append(hardware.pad_rows(np.asarray(labels[start:stop], np.int32), chunk))
         if mesh is None:
             per_particle[0] = per_particle[0][:]
-        out = jax.tree.map(hardware.fetch, call(*per_particle))
-        if n_columns is not None:
-            out = jax.tree.map(lambda a: a[:, :n_columns] if a.ndim > 1 else a, out)
-        if outs is None:
-            outs = jax.tree.map(lambda a: np.empty((n,) + a.shape[1:], a.dtype), out)
-        jax.tree.map(lambda dst, src, a=start, b=stop: dst.__setitem__(slice(a, b), src[: b - a]), outs, out)
-        if progress is not None:
-            progress(stop, n)
+        result = call(*per_particle)  # dispatched asynchronously: the device works while the host goes on
+        if pending is not None:
+            store(*pending)  # the previous chunk's results, fetched while this chunk runs
+        pending = (start, stop, result)
+    if pending is not None:
+        store(*pending)
     return outs
 
 
@@ -431,7 +444,7 @@ def align_to_references(
     """Best reference, parameters and score for every particle.
 
     Args:
-        images: ``(n, ny, nx)`` particles (NumPy, memory-mapped or JAX array; read chunk by chunk).
+        images: ``(n, ny, nx)`` particles (NumPy, on disk (``DiskArray``) or JAX array; read chunk by chunk).
         bank: references from ``prepare_references`` (same box size).
         options: the search (must be the options the bank was prepared with).
         params: current parameters; the grid is centred on each particle's current centre

@@ -101,7 +101,7 @@ def class_sums(images, params: Transform2D, labels, n_classes: int, chunk: int =
     """Sums of aligned members per class, exact whatever the device count (see the module docstring).
 
     Args:
-        images: ``(n, ny, nx)`` particles (NumPy, memory-mapped, a lazy row view or JAX; read chunk by chunk).
+        images: ``(n, ny, nx)`` particles (NumPy, on disk, a lazy row view or JAX; read chunk by chunk).
         params: ``Transform2D`` with fields of shape ``(n,)``: each member's alignment onto its class.
         labels: ``(n,)`` int class of each particle; ``-1`` excludes it.
         n_classes: number of classes ``k``.

@@ -89,8 +89,10 @@ def load(folder: Path, key: str) -> dict[str, np.ndarray] | None:
     if not (entry / "info.json").exists():
         return None
     try:
-        # memory-mapped: a large working stack streams from the cache as from the scratch file
-        return {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        # the working stack is read by rows as needed (as the scratch file is, jisac.diskarray); the small arrays
+        # are loaded whole
+        return {name: DiskArray.from_npy(entry / f"{name}.npy") if name == "working" else np.load(entry / f"{name}.npy")
+                for name in ARRAYS}
     except (OSError, ValueError) as err:  # a damaged entry is a miss, not a failed run
         log.warning("preprocessing cache entry %s is unreadable (%s): recomputing", entry, err)
         return None

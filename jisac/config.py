@@ -91,20 +91,31 @@ class AlignConfig:
     ring_step: int = 1  # SPHIRE --rs
     n_angles: int = 256  # samples per ring (GPU ISAC)
     bandlimit: bool = True  # skip angular frequencies above ceil(pi r) + 1 on ring r
-    # Preferred chunk sizes (fastest measured on CPU); hardware.memory_budget_mb lowers them when needed.
-    particle_batch: int = 4  # particles per inner step inside one jitted call
-    reference_chunk: int = 50  # references per inner step
-    particle_chunk: int = 256  # particles per jitted call and device (host side)
+    # Preferred chunk sizes; null: the preset of the backend the run is on (hardware.BACKEND_PRESETS, the fastest
+    # measured with benchmarks/bench_chunks.py). hardware.memory_budget_mb lowers them when needed.
+    particle_batch: Optional[int] = None  # particles per inner step inside one jitted call
+    reference_chunk: Optional[int] = None  # references per inner step
+    particle_chunk: Optional[int] = None  # particles per jitted call and device (host side)
+
+    def chunk_sizes(self, platform: str | None = None) -> dict[str, int]:
+        """``{name: size}`` for ``ALIGN_CHUNK_SIZES``: the value set, else the preset of ``platform`` (default:
+        JAX's default backend). Raises ``ValueError`` naming the first one below 1."""
+        from jisac.hardware import backend_preset
+
+        sizes = {name: backend_preset(name, platform) if getattr(self, name) is None else getattr(self, name)
+                 for name in ALIGN_CHUNK_SIZES}
+        _require_positive("align", sizes)
+        return sizes
 
 
 ALIGN_CHUNK_SIZES = ("particle_batch", "reference_chunk", "particle_chunk")
 
 
-def _require_positive(section: str, cfg, names) -> None:
-    """Stops with one line naming ``section.name`` for the first of ``names`` below 1."""
-    for name in names:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{section}.{name} must be >= 1 (got {getattr(cfg, name)})")
+def _require_positive(section: str, values: dict) -> None:
+    """Stops with one line naming ``section.name`` for the first value below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{section}.{name} must be >= 1 (got {value})")
 
 
 @dataclass
@@ -112,8 +123,8 @@ class HardwareConfig:
     """Where the work runs (``jisac.hardware``): devices, memory budgets, several processes."""
 
     devices: Any = "all"  # "all" or a list of device ids as in jax.devices(), e.g. [0,1] (GPU ISAC's --gpu_devices)
-    memory_budget_mb: int = 1024  # per device: sets the MRA's and within-group chunk sizes
-    host_memory_budget_mb: int = 8192  # per process: a working stack above half of it is memory-mapped from disk
+    memory_budget_mb: Optional[int] = None  # per device: sets every chunk size; null: the backend's preset (CPU 1024, GPU 4096)
+    host_memory_budget_mb: int = 8192  # per process: a working stack above half of it stays on disk (read by rows)
     distributed: str = "auto"  # auto|true|false: jax.distributed.initialize() (auto: under SLURM / Open MPI)
     coordinator_address: Optional[str] = None  # host:port of process 0 (else detected from SLURM / Open MPI)
     num_processes: Optional[int] = None
@@ -123,11 +134,18 @@ class HardwareConfig:
         """The ``hardware.Budget`` for these budgets and ``align``'s preferred chunk sizes (validated)."""
         from jisac.hardware import Budget, parse_device_ids
 
-        _require_positive("hardware", self, ("memory_budget_mb", "host_memory_budget_mb"))
-        _require_positive("align", align, ALIGN_CHUNK_SIZES)
+        sizes = align.chunk_sizes()
         parse_device_ids(self.devices)
-        return Budget(self.memory_budget_mb << 20, self.host_memory_budget_mb << 20, align.particle_batch,
-                      align.reference_chunk, align.particle_chunk)
+        return Budget(self.device_budget_mb() << 20, self.host_memory_budget_mb << 20, **sizes)
+
+    def device_budget_mb(self, platform: str | None = None) -> int:
+        """``memory_budget_mb``, else the preset of ``platform`` (default: JAX's default backend); both
+        budgets are checked (one line naming the parameter)."""
+        from jisac.hardware import backend_preset
+
+        mb = backend_preset("memory_budget_mb", platform) if self.memory_budget_mb is None else self.memory_budget_mb
+        _require_positive("hardware", {"memory_budget_mb": mb, "host_memory_budget_mb": self.host_memory_budget_mb})
+        return mb
 
 
 @dataclass
@@ -214,7 +232,7 @@ def register() -> None:
 
 
 def align_options(isac: IsacConfig, align: AlignConfig, n_references: int | None = None,
-                  memory_budget_mb: int = 1024) -> AlignOptions:
+                  memory_budget_mb: int | None = None) -> AlignOptions:
     """Validated ``AlignOptions`` for the multi-reference search. Raises ``ValueError`` naming the parameter."""
     geometry = RingGeometry(
         first_ring=align.first_ring,
@@ -238,13 +256,12 @@ def align_options(isac: IsacConfig, align: AlignConfig, n_references: int | None
             f"isac.target_radius ({isac.target_radius}) + isac.xr/yr ({max(grid.xr, grid.yr)}) does not fit in "
             f"isac.target_nx ({isac.target_nx}): rings would leave the box; lower xr or target_radius"
         )
-    _require_positive("align", align, ALIGN_CHUNK_SIZES)
-    if memory_budget_mb < 1:
-        raise ValueError(f"hardware.memory_budget_mb must be >= 1 (got {memory_budget_mb})")
+    sizes = align.chunk_sizes()
+    memory_budget_mb = HardwareConfig(memory_budget_mb=memory_budget_mb).device_budget_mb()
     options = AlignOptions(
-        geometry=geometry, grid=grid, particle_batch=align.particle_batch, reference_chunk=align.reference_chunk
+        geometry=geometry, grid=grid, particle_batch=sizes["particle_batch"], reference_chunk=sizes["reference_chunk"]
     )
     batch, chunk = chunk_sizes_for_budget(
-        n_references or align.reference_chunk, options, memory_budget_bytes=memory_budget_mb << 20
+        n_references or sizes["reference_chunk"], options, memory_budget_bytes=memory_budget_mb << 20
     )
     return options._replace(particle_batch=batch, reference_chunk=chunk)

@@ -144,7 +144,7 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
     if demo.snr <= 0:
         raise ValueError(f"demo.snr must be > 0 (got {demo.snr})")
     options = config.align_options(isac, cfg.align, n_references=demo.n_views,
-                                   memory_budget_mb=cfg.hardware.memory_budget_mb)
+                                   memory_budget_mb=cfg.hardware.device_budget_mb())
     out = Path(cfg.output_dir)
     t0 = time.perf_counter()
     views, particles, truth, moves = make_demo_particles(isac, demo)
@@ -163,9 +163,8 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
 
     mesh = hardware.mesh_from_config(cfg.hardware)
     log.info("aligning on %d %s device(s)", mesh.size, jax.devices()[0].platform)
-    result = align.align_to_references(
-        particles, bank, options, particle_chunk=cfg.align.particle_chunk * mesh.size, progress=progress, mesh=mesh
-    )
+    chunk = cfg.align.chunk_sizes()["particle_chunk"] * mesh.size
+    result = align.align_to_references(particles, bank, options, particle_chunk=chunk, progress=progress, mesh=mesh)
     result = jax.block_until_ready(result)
     t_align = time.perf_counter() - t1
     comparisons = demo.n_particles * demo.n_views * options.grid.n_shifts

@@ -146,7 +146,7 @@ def mesh_from_config(hw) -> jax.sharding.Mesh:
 
 
 class RowRange:
-    """Rows ``[start, stop)`` of ``images`` (any array-like: NumPy, memory map, ``Rows``), zero-padded to
+    """Rows ``[start, stop)`` of ``images`` (any array-like: NumPy, ``DiskArray``, memory map, ``Rows``), zero-padded to
     ``size`` rows, read lazily: indexing reads only the rows asked for (as float32)."""
 
     def __init__(self, images, start: int, stop: int, size: int | None = None):
@@ -174,19 +174,20 @@ class RowRange:
 
 
 def _in_memory(a) -> bool:
-    """A NumPy array held in RAM (not a memory map): fancy indexing it is cheap and copies only those rows."""
+    """A NumPy array held in RAM (not a memory map or a file): fancy indexing it is cheap and copies only those
+    rows."""
     return isinstance(a, np.ndarray) and not isinstance(a, np.memmap)
 
 
 def take_rows(images, index):
     """The rows ``index`` of ``images``: a copy of them for an in-memory array, else a lazy ``Rows`` view (a
-    memory map is never read whole)."""
+    stack on disk is never read whole)."""
     return images[np.asarray(index)] if _in_memory(images) else Rows(images, index)
 
 
 class Rows:
-    """A lazy view of the rows ``index`` of ``images`` (e.g. a generation's working set of a memory-mapped
-    stack): slicing it reads only the rows asked for."""
+    """A lazy view of the rows ``index`` of ``images`` (e.g. a generation's working set of a working stack
+    on disk): slicing it reads only the rows asked for."""
 
     def __init__(self, images, index):
         self.images, self.index = images, np.asarray(index, np.int64)
@@ -203,7 +204,7 @@ class Rows:
             return np.asarray(self.images[int(rows)])[key[1:]]
         if _in_memory(self.images):
             return self.images[rows][(slice(None),) + key[1:]]
-        # a memory map or another lazy view: read in increasing order
+        # a stack on disk or another lazy view: read in increasing order
         order = np.argsort(rows, kind="stable")
         out = np.empty((len(rows),) + tuple(self.shape[1:]), self.dtype)
         out[order] = np.asarray(self.images[rows[order]])
@@ -269,13 +270,30 @@ def barrier(name: str) -> None:
 # ------------------------------------------------------------------------------------------ memory budget
 
 
+# Preferred chunk sizes and device memory budget per backend (``align.*``, ``hardware.memory_budget_mb`` left
+# null), the fastest measured with benchmarks/bench_chunks.py (docs/benchmarks.md): a CPU core wants small inner
+# steps whose correlations stay in its cache (4 x 50); a GPU needs large ones to fill its multiprocessors (an
+# H100 ran 3.6x faster at 128 x 200 x 8192 than at the CPU's sizes).
+BACKEND_PRESETS = {
+    "cpu": {"particle_batch": 4, "reference_chunk": 50, "particle_chunk": 256, "memory_budget_mb": 1024},
+    "gpu": {"particle_batch": 128, "reference_chunk": 200, "particle_chunk": 8192, "memory_budget_mb": 4096},
+}
+
+
+def backend_preset(name: str, platform: str | None = None) -> int:
+    """``BACKEND_PRESETS``' ``name`` for ``platform`` (``cpu``, ``gpu``/``cuda``/``rocm``, ``tpu``; default: JAX's
+    default backend); any accelerator takes the GPU's."""
+    platform = platform or jax.default_backend()
+    return BACKEND_PRESETS["cpu" if platform == "cpu" else "gpu"][name]
+
+
 class Budget(NamedTuple):
     """Memory budgets and the preferred (fastest measured) chunk sizes they may shrink.
 
     Attributes:
         device_bytes: per device: bounds every jitted call's working set (MRA sub-steps and chunks, within-group
             particles per call).
-        host_bytes: per process: above it the working stack is memory-mapped from disk, not held in RAM.
+        host_bytes: per process: above it the working stack stays on disk (``jisac.diskarray``), not in RAM.
         particle_batch, reference_chunk, particle_chunk: ``align.*`` preferred sizes (upper bounds);
             ``particle_chunk`` is per device.
     """

@@ -161,7 +161,7 @@ def run_generation(
     budget: hardware.Budget | None = None,
 ) -> GenerationResult:
     """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default; NumPy,
-    a memory map or a lazy ``hardware.Rows`` view).
+    a stack on disk (``jisac.diskarray.DiskArray``) or a lazy ``hardware.Rows`` view).
 
     ``criterion``: a stability criterion (``stability.make_criterion``); default ISAC2's pixel error with
     ``p.thld_err`` and the particle radius ``p.target_radius``. ``budget``: memory budgets that set the chunk
@@ -343,7 +343,7 @@ def run_isac(
 
     Generation ``g`` uses the key ``fold_in(key(seed), g)``, so a resumed run ends exactly as an uninterrupted
     one. ``on_generation(state, result, working_indices)`` is called after each finished generation (write
-    outputs and a checkpoint there). ``images`` may be a memory map: each generation reads its working set
+    outputs and a checkpoint there). ``images`` may be a stack on disk: each generation reads its working set
     lazily (``hardware.Rows``), chunk by chunk.
     """
     n = images.shape[0]

@@ -28,6 +28,7 @@ import pandas as pd
 import starfile
 
 from jisac import cache, config, ctf, hardware, io, pipeline, prealign, preprocess
+from jisac.diskarray import DiskArray
 from jisac.io import hdf, star
 from jisac.io.atomic import atomic_path, write_json
 from jisac.transforms import Transform2D, compose, make_transform, to_relion
@@ -48,8 +49,8 @@ def _ctf_params(stack, use_ctf: bool):
 
 
 def _working_stack(stack, prep: preprocess.PreprocessParams, ctf_params, shifts, pixel_size, disk=None):
-    """The prepared stack as an array: in memory, or (``disk``: a path) written there by process 0 and
-    memory-mapped by every process (``hardware.working_stack_on_disk``)."""
+    """The prepared stack as an array: in memory, or (``disk``: a path) written there by process 0 and read by
+    every process with plain reads of the rows it needs (``jisac.diskarray``, ``hardware.working_stack_on_disk``)."""
     batches = lambda: stack.iter_batches(256)  # noqa: E731  (VPP reads the stack twice)
     if disk is None:
         return preprocess.prepare_working_stack(
@@ -62,9 +63,7 @@ def _working_stack(stack, prep: preprocess.PreprocessParams, ctf_params, shifts,
             out_path=disk,
         )
     hardware.barrier(f"working stack {disk.name}")
-    with mrcfile.mmap(disk, mode="r") as mrc:
-        shape, dtype, offset = mrc.data.shape, mrc.data.dtype, 1024 + int(mrc.header.nsymbt)
-    return np.memmap(disk, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return DiskArray.from_mrc(disk)
 
 
 def run(cfg: config.JisacConfig) -> dict:
@@ -105,7 +104,7 @@ def run(cfg: config.JisacConfig) -> dict:
     keep = _finite_particles(stack, cfg.data.drop_nonfinite, digest)
     disk = hardware.working_stack_on_disk(n, p.target_nx, budget, out)
     if disk is not None:
-        log.info("the working stack (%.0f MB) is above half of hardware.host_memory_budget_mb: memory-mapped from %s",
+        log.info("the working stack (%.0f MB) is above half of hardware.host_memory_budget_mb: kept on disk at %s",
                  n * p.target_nx**2 * 4 / 2**20, disk)
     log.info("%d device(s) (%s), hardware.memory_budget_mb=%d per device", mesh.size, mesh.devices.flat[0].platform,
              budget.device_bytes >> 20)
@@ -120,7 +119,7 @@ def run(cfg: config.JisacConfig) -> dict:
     memory.record("isac")
     if hardware.is_main_process():
         write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size, keep)
-        if disk is not None:  # the memory-mapped scratch stacks
+        if disk is not None:  # the scratch stacks
             del images
             for scratch in (disk, disk.with_name("prealign_stack.mrcs")):
                 scratch.unlink(missing_ok=True)
@@ -138,7 +137,7 @@ def run(cfg: config.JisacConfig) -> dict:
 
 def _kept(images, keep: np.ndarray):
     """The rows ``keep`` of ``images``: the array itself when nothing was left out, else a copy (in memory) or
-    a lazy view (memory-mapped)."""
+    a lazy view (a stack on disk)."""
     if len(keep) == images.shape[0]:
         return images
     return hardware.take_rows(images, keep)
@@ -147,7 +146,7 @@ def _kept(images, keep: np.ndarray):
 def _preprocess(stack, prep: preprocess.PreprocessParams, p, ctf_params, keep: np.ndarray, pixel_size: float,
                 seed: int, skip_prealignment: bool, timings: dict, mesh, disk, memory) -> tuple[np.ndarray, np.ndarray]:
     """``(shifts (n, 2) float32 original px, working stack (len(keep), target_nx, target_nx) float32)``: the
-    pre-alignment (§3.1) and the working stack (§3.2, memory-mapped from ``disk`` when given); stage times go
+    pre-alignment (§3.1) and the working stack (§3.2, on ``disk`` when given); stage times go
     into ``timings`` (seconds), memory into ``memory``."""
     n, box, s = len(stack), stack.box_size, prep.shrink_ratio
     # Pre-alignment: shrunk copies without cropping, centring shifts in original pixels.

@@ -301,7 +301,7 @@ def reassign_with_run_averages(
 
     n_classes, n_runs = runs.angle.shape[:2]
     cls, slot, index = _members_flat(member, labels)
-    imgs = np.asarray(images[index], np.float32)  # only the members' rows (images may be a memory map)
+    imgs = np.asarray(images[index], np.float32)  # only the members' rows (images may be a stack on disk)
     mask = filters.circular_mask(imgs.shape[1], imgs.shape[2], mask_radius)
     out = []
     for j in range(n_runs):
@@ -448,7 +448,7 @@ def split_half_resolution(params: Transform2D, member, images, labels, radius: f
     n_classes = np.shape(member)[0]
     cls, slot, index = _members_flat(member, labels)
     rank = (np.cumsum(np.asarray(member), 1) - 1)[cls, slot]
-    imgs = np.asarray(images[index], np.float32)  # only the members' rows (images may be a memory map)
+    imgs = np.asarray(images[index], np.float32)  # only the members' rows (images may be a stack on disk)
     p = Transform2D(*(np.asarray(f)[cls, slot] for f in params))
     halves = average.class_averages(imgs, p, 2 * cls + rank % 2, 2 * n_classes)
     ny, nx = imgs.shape[1:]

@@ -182,8 +182,8 @@ def test_search_grid_matches_sphire_layout():
         align.SearchGrid(1.0, 1.0, 0.0).validate()
 
 
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (CPU runs force 2; one GPU is 1)")
 def test_sharded_over_devices_equals_single_device(projections50):
-    assert len(jax.devices()) >= 2, "conftest asks for 2 CPU devices"
     mesh = jax.make_mesh((2,), ("data",))
     parts = synthetic.add_noise(projections50[3:22], 0.3, jax.random.key(7), mask=MASK)  # 19: uneven, padded
     bank = align.prepare_references(jnp.asarray(projections50[:20]), DEFAULT)

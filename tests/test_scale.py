@@ -10,11 +10,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import mrcfile
 import numpy as np
 import pytest
 
 from jisac import align, average, config, hardware, within_group
 from jisac import transforms as T
+from jisac.diskarray import DiskArray
 
 WORKER = Path(__file__).with_name("scale_worker.py")
 ROOT = WORKER.parent.parent
@@ -23,9 +25,11 @@ ROOT = WORKER.parent.parent
 def _env():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"  # the workers force CPU devices, also on a machine with a GPU
     return env
 
 
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (CPU runs force 2; one GPU is 1)")
 def test_devices_from_config_and_bad_ids():
     assert hardware.parse_device_ids("all") is None
     assert hardware.parse_device_ids([0, 1]) == [0, 1]
@@ -43,6 +47,19 @@ def test_devices_from_config_and_bad_ids():
     assert hardware.cluster_detected({"SLURM_NTASKS": "4"}) and not hardware.cluster_detected({"SLURM_NTASKS": "1"})
     with pytest.raises(ValueError, match="hardware.memory_budget_mb"):
         config.HardwareConfig(memory_budget_mb=0).budget(config.AlignConfig())
+
+
+def test_chunk_sizes_and_budget_follow_the_backend_unless_set():
+    cpu = config.AlignConfig().chunk_sizes("cpu")
+    gpu = config.AlignConfig().chunk_sizes("gpu")
+    assert cpu == {"particle_batch": 4, "reference_chunk": 50, "particle_chunk": 256}
+    assert all(gpu[name] > cpu[name] for name in cpu)  # an accelerator wants larger steps
+    assert config.AlignConfig(reference_chunk=7).chunk_sizes("gpu")["reference_chunk"] == 7
+    assert config.HardwareConfig().device_budget_mb("cpu") == 1024
+    assert config.HardwareConfig().device_budget_mb("cuda") == hardware.BACKEND_PRESETS["gpu"]["memory_budget_mb"]
+    assert config.HardwareConfig(memory_budget_mb=300).budget(config.AlignConfig()).device_bytes == 300 << 20
+    with pytest.raises(ValueError, match=r"^align.particle_chunk must be >= 1 \(got 0\)"):
+        config.AlignConfig(particle_chunk=0).chunk_sizes()
 
 
 def test_one_budget_sets_every_chunk_size():
@@ -83,6 +100,31 @@ def test_within_group_in_class_groups_equals_one_call(projections50):
     for a, b in zip(whole[1], parts[1]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert len(within_group._class_groups(labels, np.bincount(labels), 20)) == 3
+
+
+def test_disk_array_reads_rows_of_npy_and_mrcs(tmp_path):
+    truth = np.arange(10 * 4 * 3, dtype=np.float32).reshape(10, 4, 3)
+    np.save(tmp_path / "s.npy", truth.astype(">f4"))  # big-endian on disk: read back as native float32
+    with mrcfile.new(tmp_path / "s.mrcs") as mrc:
+        mrc.set_data(truth)
+    for disk in (DiskArray.from_npy(tmp_path / "s.npy"), DiskArray.from_mrc(tmp_path / "s.mrcs")):
+        assert disk.shape == (10, 4, 3) and disk.dtype == np.float32 and len(disk) == 10
+        np.testing.assert_array_equal(disk[3], truth[3])
+        np.testing.assert_array_equal(disk[-1, 1:], truth[-1, 1:])
+        np.testing.assert_array_equal(disk[2:9:3], truth[2:9:3])
+        idx = np.array([7, 2, 2, 3, 9, 0])  # any order, repeats, runs of consecutive rows
+        np.testing.assert_array_equal(disk[idx], truth[idx])
+        np.testing.assert_array_equal(disk[idx, :, 0], truth[idx, :, 0])
+        np.testing.assert_array_equal(np.asarray(disk), truth)
+        np.testing.assert_array_equal(hardware.take_rows(disk, [5, 1])[:], truth[[5, 1]])
+        with pytest.raises(IndexError, match="out of range"):
+            disk[10]
+        with pytest.raises(IndexError, match="out of range"):
+            disk[np.array([0, 12])]
+    with open(tmp_path / "s.npy", "r+b") as f:  # a cut file is an error, not zeros
+        f.truncate(200)
+    with pytest.raises(EOFError, match="shorter"):
+        DiskArray.from_npy(tmp_path / "s.npy")[8:]
 
 
 def test_lazy_rows_read_what_is_asked(tmp_path):

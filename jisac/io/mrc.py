@@ -15,6 +15,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
+from jisac.diskarray import read_rows
 from jisac.io.atomic import atomic_path
 from jisac.io.errors import StackError, StackFileNotFoundError
 from jisac.io.table import ParticleTable, image_names
@@ -74,25 +75,12 @@ class MrcImageFile:
     def read(self, indices) -> np.ndarray:
         """The images at 0-based ``indices`` (``(k,)`` int, any order, repeats allowed) as ``(k, ny, nx)``
         float32; only those images' bytes are read, one read per run of consecutive indices."""
-        idx = np.asarray(indices, np.int64).reshape(-1)
-        n, ny, nx = self.shape
-        out = np.empty((len(idx), ny, nx), np.float32)
-        if not len(idx):
-            return out
-        if idx.min() < 0 or idx.max() >= n:
-            raise IndexError(f"{self.path}: image index out of range (the file holds {n} images)")
-        order = np.argsort(idx, kind="stable")
-        ordered = idx[order]
-        runs = np.split(np.arange(len(idx)), np.nonzero(np.diff(ordered) != 1)[0] + 1)
-        per_image = ny * nx
-        with open(self.path, "rb") as f:
-            for run in runs:
-                f.seek(self._offset + int(ordered[run[0]]) * per_image * self._dtype.itemsize)
-                block = np.fromfile(f, dtype=self._dtype, count=len(run) * per_image)
-                if block.size != len(run) * per_image:
-                    raise StackError(f"{self.path}: the file is shorter than its header says; re-export it")
-                out[order[run]] = block.reshape(len(run), ny, nx)
-        return out
+        try:
+            return read_rows(self.path, self._offset, self.shape, self._dtype, indices)
+        except IndexError:
+            raise IndexError(f"{self.path}: image index out of range (the file holds {self.shape[0]} images)") from None
+        except EOFError:
+            raise StackError(f"{self.path}: the file is shorter than its header says; re-export it") from None
 
     def close(self) -> None:
         """Nothing stays open between reads (kept for the reader interface)."""
