@@ -273,10 +273,14 @@ def barrier(name: str) -> None:
 # Preferred chunk sizes and device memory budget per backend (``align.*``, ``hardware.memory_budget_mb`` left
 # null), the fastest measured with benchmarks/bench_chunks.py (docs/benchmarks.md): a CPU core wants small inner
 # steps whose correlations stay in its cache (4 x 50); a GPU needs large ones to fill its multiprocessors (an
-# H100 ran 3.6x faster at 128 x 200 x 8192 than at the CPU's sizes).
+# H100 ran 3.6x faster at 128 x 200 x 8192 than at the CPU's sizes). The within-group spectrum cache
+# (``within_group.WithinGroupOptions.cache_window``) saves resampling on a CPU (1.1-1.5x) but costs more than it
+# saves on a GPU (0.81-0.86x on the H100, benchmarks/bench_within_group.py).
 BACKEND_PRESETS = {
-    "cpu": {"particle_batch": 4, "reference_chunk": 50, "particle_chunk": 256, "memory_budget_mb": 1024},
-    "gpu": {"particle_batch": 128, "reference_chunk": 200, "particle_chunk": 8192, "memory_budget_mb": 4096},
+    "cpu": {"particle_batch": 4, "reference_chunk": 50, "particle_chunk": 256, "memory_budget_mb": 1024,
+            "within_group_cache_window": 2},
+    "gpu": {"particle_batch": 128, "reference_chunk": 200, "particle_chunk": 8192, "memory_budget_mb": 4096,
+            "within_group_cache_window": 0},
 }
 
 

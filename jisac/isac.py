@@ -177,7 +177,9 @@ def run_generation(
     options = p.align_options(k)
     plan = hardware.plan(budget or hardware.Budget(), options, k, p.target_nx, 1 if mesh is None else mesh.size)
     options = options._replace(particle_batch=plan.particle_batch, reference_chunk=plan.reference_chunk)
-    wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre)
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre,
+                                         cache_window=hardware.backend_preset("within_group_cache_window", platform))
     k_init, key = jax.random.split(key)
     references = jnp.asarray(images[np.asarray(jax.random.choice(k_init, n, (k,), replace=False))])
     params = identity((n,))
