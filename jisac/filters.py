@@ -68,6 +68,15 @@ def circular_mask(ny: int, nx: int, radius: float) -> np.ndarray:
     return (x - nx // 2) ** 2 + (y - ny // 2) ** 2 <= radius**2
 
 
+def soft_circular_mask(ny: int, nx: int, radius: float, width: float = 3.0) -> np.ndarray:
+    """``(ny, nx)`` float32: 1 within ``radius`` of the centre ``(nx // 2, ny // 2)``, a raised-cosine edge of
+    ``width`` px, 0 beyond (a mask without a hard edge keeps Fourier measures such as the FRC free of ringing)."""
+    y, x = np.mgrid[:ny, :nx]
+    r = np.hypot(x - nx // 2, y - ny // 2)
+    edge = 0.5 * (1.0 + np.cos(np.pi * np.clip((r - radius) / width, 0.0, 1.0)))
+    return np.where(r <= radius, 1.0, edge).astype(np.float32)
+
+
 def subtract_masked_mean(images: Array, mask: np.ndarray) -> Array:
     """Subtracts from each image the mean of its pixels inside ``mask`` (SPHIRE's ``normalize.mask``, no_sigma)."""
     m = jnp.asarray(mask, jnp.float32)

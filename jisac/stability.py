@@ -425,14 +425,6 @@ def frc_resolution(frc: Array, threshold: float, box: int) -> Array:
     return jnp.clip(crossing / box, 1.0 / box, 0.5)
 
 
-def _soft_mask(ny: int, nx: int, radius: float, width: float = 3.0) -> np.ndarray:
-    """1 inside ``radius``, a raised-cosine edge of ``width`` px, 0 beyond (keeps the FRC free of mask ringing)."""
-    y, x = np.mgrid[:ny, :nx]
-    r = np.hypot(x - nx // 2, y - ny // 2)
-    edge = 0.5 * (1.0 + np.cos(np.pi * np.clip((r - radius) / width, 0.0, 1.0)))
-    return np.where(r <= radius, 1.0, edge).astype(np.float32)
-
-
 def split_half_resolution(params: Transform2D, member, images, labels, radius: float, frc_threshold: float = 0.5):
     """Resolution of every class (cycles/px) from the FRC of the averages of its two half-sets.
 
@@ -452,7 +444,8 @@ def split_half_resolution(params: Transform2D, member, images, labels, radius: f
     p = Transform2D(*(np.asarray(f)[cls, slot] for f in params))
     halves = average.class_averages(imgs, p, 2 * cls + rank % 2, 2 * n_classes)
     ny, nx = imgs.shape[1:]
-    halves = filters.subtract_masked_mean(halves, filters.circular_mask(ny, nx, radius)) * _soft_mask(ny, nx, radius)
+    halves = filters.subtract_masked_mean(halves, filters.circular_mask(ny, nx, radius))
+    halves = halves * filters.soft_circular_mask(ny, nx, radius)
     halves = halves.reshape(n_classes, 2, ny, nx)
     frc = fourier_ring_correlation(halves[:, 0], halves[:, 1])
     return frc_resolution(frc, frc_threshold, nx), frc

@@ -62,3 +62,7 @@ def test_masks_and_masked_normalisation():
     sub = np.asarray(filters.subtract_masked_mean(imgs, m))
     np.testing.assert_allclose(sub[:, m].mean(1), 0, atol=1e-4)
     np.testing.assert_allclose(sub[:, m].std(1), np.asarray(imgs)[:, m].std(1), rtol=1e-5)
+    soft = filters.soft_circular_mask(76, 76, 29, width=3.0)
+    assert soft.dtype == np.float32 and (soft[m] == 1).all()  # 1 inside, as the hard mask
+    np.testing.assert_allclose(soft[38, 38 + 30 : 38 + 33], 0.5 * (1 + np.cos(np.pi * np.arange(1, 4) / 3)), atol=1e-6)
+    assert (soft[38, 38 + 32 :] == 0).all() and soft[0, 0] == 0
