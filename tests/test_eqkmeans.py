@@ -28,23 +28,36 @@ def greedy_reference(scores: np.ndarray) -> np.ndarray:
     return labels
 
 
-@pytest.mark.parametrize(
-    "n,k,seed,ties",
-    [(60, 6, 0, False), (67, 6, 1, False), (200, 7, 2, False), (31, 30, 3, False), (50, 1, 4, False),
-     (503, 10, 5, False), (97, 8, 6, True), (300, 12, 7, True)],
-)
-def test_matches_greedy_reference_and_sizes(n, k, seed, ties):
+CASES = [(60, 6, 0, False), (67, 6, 1, False), (200, 7, 2, False), (31, 30, 3, False), (50, 1, 4, False),
+         (503, 10, 5, False), (97, 8, 6, True), (300, 12, 7, True)]
+
+
+def clustered_scores(n: int, k: int, seed: int, ties: bool) -> np.ndarray:
     rng = np.random.default_rng(seed)
     # clustered particles: strong, shared preferences make classes overflow, the hard case for the walk
     centres = rng.standard_normal((3, k))
     scores = (centres[rng.integers(0, 3, n)] + 0.5 * rng.standard_normal((n, k))).astype(np.float32)
     if ties:
         scores = np.round(scores, 1)  # many exactly equal scores
+    return scores
+
+
+@pytest.mark.parametrize("n,k,seed,ties", CASES)
+def test_matches_greedy_reference_and_sizes(n, k, seed, ties):
+    scores = clustered_scores(n, k, seed, ties)
     labels = np.asarray(assign_equal_size(jnp.asarray(scores)))
     np.testing.assert_array_equal(labels, greedy_reference(scores))
     sizes = np.sort(np.bincount(labels, minlength=k))
     assert (labels >= 0).all()
     assert (sizes[:-1] == n // k).all() and sizes[-1] == n // k + n % k
+
+
+@pytest.mark.parametrize("n,k,seed,ties,row_block", [case + (block,) for case, block in zip(CASES, [7, 16] * 4)])
+def test_row_blocks_do_not_change_the_result(n, k, seed, ties, row_block):
+    """Blocks smaller than n, n not a multiple of them (the last block of free rows is partly padding)."""
+    scores = clustered_scores(n, k, seed, ties)
+    labels = np.asarray(assign_equal_size(jnp.asarray(scores), row_block=row_block))
+    np.testing.assert_array_equal(labels, greedy_reference(scores))
 
 
 def test_clear_preferences_are_respected():
