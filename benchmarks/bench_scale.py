@@ -191,7 +191,7 @@ def main() -> None:
                                   + ["--full-table"] * args.full_table,
                                   capture_output=True, text=True, check=True, env=dict(os.environ))
             table.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"\n| devices | MRA s | assignment s | parameters s | particles/s |\n|---|---|---|---|---|")
+        print("\n| devices | MRA s | assignment s | parameters s | particles/s |\n|---|---|---|---|---|")
         for r in table:
             print(f"| {r['devices']} | {r['mra_s']:.1f} | {r['assign_s']:.2f} | {r['params_s']:.2f} | "
                   f"{r['particles_per_s']:.1f} |")

@@ -55,7 +55,7 @@ def main() -> None:
             results[window] = run()
             times.append(time.perf_counter() - t)
         seconds[window] = min(times)
-    (a0, p0), (a2, p2) = results[0], results[2]
+    (_, p0), (_, p2) = results[0], results[2]
     d = np.abs(np.asarray(T.wrap_angle(np.asarray(p2.angle) - np.asarray(p0.angle))))
     max_angle = float(np.minimum(d, 360 - d).max())
     same_mirror = bool(np.array_equal(np.asarray(p0.mirror), np.asarray(p2.mirror)))

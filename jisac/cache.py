@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jisac.diskarray import DiskArray
 from jisac.io.atomic import atomic_path, write_json
 
 log = logging.getLogger("jisac")

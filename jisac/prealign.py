@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jisac import align, average, filters
-from jisac.transforms import Transform2D, compose, from_centre_and_angle, make_transform, particle_centre
+from jisac.transforms import compose, from_centre_and_angle, make_transform, particle_centre
 from jisac.within_group import random_start
 
 
