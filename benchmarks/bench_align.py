@@ -105,7 +105,8 @@ class NumpySearch:
         emb = np.concatenate([np.concatenate([re, im], -1), np.concatenate([-im, re], -1)], 1)  # (F, 2R, 4K)
         r = geom.n_rings
         self.bank = [
-            np.ascontiguousarray(np.concatenate([emb[k0:k1, r0:r], emb[k0:k1, r + r0 :]], 1)) for k0, k1, r0 in self.blocks
+            np.ascontiguousarray(np.concatenate([emb[k0:k1, r0:r], emb[k0:k1, r + r0 :]], 1))
+            for k0, k1, r0 in self.blocks
         ]
 
     def _rings(self, images: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -270,8 +271,10 @@ def main() -> None:
     rows = [
         (f"jisac JAX, band-limited, {n_dev} CPU devices", rate, gflops, gflops / peak, jax_s),
         ("jisac JAX, band-limited, 1 device", rate_one, g(rate_one), g(rate_one) / peak, one_s),
-        (f"jisac JAX, dense rings, {n_dev} CPU devices", rate_dense, g(rate_dense, executed_dense), g(rate_dense, executed_dense) / peak, dense_s),
-        (f"plain NumPy, same search ({nn} particles)", rate_np, rate_np * executed / 1e9, rate_np * executed / 1e9 / peak, numpy_s),
+        (f"jisac JAX, dense rings, {n_dev} CPU devices", rate_dense, g(rate_dense, executed_dense),
+         g(rate_dense, executed_dense) / peak, dense_s),
+        (f"plain NumPy, same search ({nn} particles)", rate_np, rate_np * executed / 1e9,
+         rate_np * executed / 1e9 / peak, numpy_s),
     ]
     print(f"jisac alignment benchmark: N={args.n} particles, K={args.k} references, {box} px box, "
           f"rings {options.geometry.first_ring}..{options.geometry.last_ring} x {options.geometry.n_angles}, "

@@ -187,7 +187,8 @@ def main() -> None:
         table = []
         for d in (1, 2, 4):
             proc = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--img-per-grp", str(args.img_per_grp),
-                                   "--child-devices", str(d)] + ["--budget-mb", str(args.budget_mb)] * bool(args.budget_mb)
+                                   "--child-devices", str(d)]
+                                  + ["--budget-mb", str(args.budget_mb)] * bool(args.budget_mb)
                                   + ["--full-table"] * args.full_table,
                                   capture_output=True, text=True, check=True, env=dict(os.environ))
             table.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -31,7 +31,9 @@ def stack(n: int, seed: int = 0):
     views = np.asarray(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0.0), 76))
     rng = np.random.default_rng(seed)
     labels = np.arange(n) * len(views) // n
-    q = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n), rng.integers(0, 2, n) > 0)
+    q = T.make_transform(
+        rng.uniform(0, 360, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n), rng.integers(0, 2, n) > 0
+    )
     parts = synthetic.add_noise(T.apply_transform(jnp.asarray(views[labels]), q), 0.3, jax.random.key(seed))
     return np.asarray(parts), labels, len(views)
 

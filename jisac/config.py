@@ -123,7 +123,8 @@ class HardwareConfig:
     """Where the work runs (``jisac.hardware``): devices, memory budgets, several processes."""
 
     devices: Any = "all"  # "all" or a list of device ids as in jax.devices(), e.g. [0,1] (GPU ISAC's --gpu_devices)
-    memory_budget_mb: Optional[int] = None  # per device: sets every chunk size; null: the backend's preset (CPU 1024, GPU 4096)
+    # per device: sets every chunk size; null: the backend's preset (CPU 1024, GPU 4096)
+    memory_budget_mb: Optional[int] = None
     host_memory_budget_mb: int = 8192  # per process: a working stack above half of it stays on disk (read by rows)
     distributed: str = "auto"  # auto|true|false: jax.distributed.initialize() (auto: under SLURM / Open MPI)
     coordinator_address: Optional[str] = None  # host:port of process 0 (else detected from SLURM / Open MPI)

@@ -3,7 +3,8 @@
 ``demo_stack`` writes, once, a RELION stack of CTF-modulated noisy projections of a deterministic asymmetric
 phantom with known views (``particles.star`` + ``particles.mrcs`` in the user's cache folder) and returns it.
 
-The alignment demo (``demo.kind=alignment``) projects a deterministic asymmetric phantom along ``demo.n_views`` directions, makes ``demo.n_particles``
+The alignment demo (``demo.kind=alignment``) projects a deterministic asymmetric phantom along ``demo.n_views``
+directions, makes ``demo.n_particles``
 noisy particles from those views with random in-plane rotations, shifts and mirrors, aligns every particle to
 every clean view (multi-reference polar alignment), and reports how often the right view, angle and centre were
 found, then writes the class averages of the particles by their best view.
@@ -76,7 +77,9 @@ def demo_stack(
     rng = np.random.default_rng(seed)
     defocus = rng.uniform(10000.0, 25000.0, n)
     astig = rng.uniform(0.0, 1000.0, n)
-    params = ctf.make_ctf_params(defocus + astig / 2, defocus - astig / 2, rng.uniform(0, 180, n), pixel_size_angst=pixel_size)
+    params = ctf.make_ctf_params(
+        defocus + astig / 2, defocus - astig / 2, rng.uniform(0, 180, n), pixel_size_angst=pixel_size
+    )
     images = ctf.apply_ctf(T.apply_transform(views[truth], moves), params)
     images = np.asarray(synthetic.add_noise(images, demo.snr, keys[5]))
     directions = synthetic.euler_to_matrix(rot, tilt, 0.0)[:, 2]

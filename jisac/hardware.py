@@ -105,7 +105,9 @@ def parse_device_ids(spec) -> list[int] | None:
     try:
         ids = [int(p) for p in parts]
     except (TypeError, ValueError):
-        raise ValueError(f"hardware.devices must be 'all' or a list of device ids such as [0,1] (got {spec!r})") from None
+        raise ValueError(
+            f"hardware.devices must be 'all' or a list of device ids such as [0,1] (got {spec!r})"
+        ) from None
     if len(set(ids)) != len(ids):
         raise ValueError(f"hardware.devices lists a device twice: {ids}")
     return ids
@@ -394,6 +396,8 @@ class MemoryReport:
     def record(self, stage: str) -> dict:
         snap = memory_snapshot()
         self.stages[stage] = snap
-        extra = f", device {snap['device_mb']:.0f} MB (peak {snap['device_peak_mb']:.0f} MB)" if "device_mb" in snap else ""
+        extra = (
+            f", device {snap['device_mb']:.0f} MB (peak {snap['device_peak_mb']:.0f} MB)" if "device_mb" in snap else ""
+        )
         log.info("memory after %s: peak RSS %.0f MB, RSS %.0f MB%s", stage, snap["peak_rss_mb"], snap["rss_mb"], extra)
         return snap

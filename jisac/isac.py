@@ -85,7 +85,9 @@ class IsacParams(NamedTuple):
         if self.init_iter < 1 or self.iter_reali < 1 or self.maxit < 2:
             raise ValueError("isac.init_iter and isac.iter_reali must be >= 1 and isac.maxit >= 2")
         if not 0 < self.fl <= self.fh <= 0.5 or self.ff <= 0:
-            raise ValueError(f"need 0 < isac.fl <= isac.fh <= 0.5 and isac.ff > 0 (got {self.fl}, {self.fh}, {self.ff})")
+            raise ValueError(
+                f"need 0 < isac.fl <= isac.fh <= 0.5 and isac.ff > 0 (got {self.fl}, {self.fh}, {self.ff})"
+            )
         if self.target_radius + max(self.xr, self.yr) + 1 > self.target_nx // 2:
             raise ValueError(
                 f"isac.target_radius ({self.target_radius}) + isac.xr ({max(self.xr, self.yr)}) does not fit in "
@@ -259,7 +261,9 @@ def run_generation(
                 avg_labels[extra] = c
             classes.append(ClassResult(None, idx, c_params, np.asarray(res.error[c])[stable[c]]))
             current.append(set(idx.tolist()))
-        references = filters.tanh_lowpass(average.class_averages(images, avg_params, avg_labels, k, mesh=mesh), p.fh, p.ff)
+        references = filters.tanh_lowpass(
+            average.class_averages(images, avg_params, avg_labels, k, mesh=mesh), p.fh, p.ff
+        )
         for c, cls in enumerate(classes):
             cls.average = np.asarray(references[c])
         # stable members take their averaged parameters (already gathered in avg_params)
@@ -369,7 +373,8 @@ def run_isac(
             state.errors[members] = cls.errors
             state.class_of[members] = len(state.averages) - 1
             n_good += len(members)
-        state.pool = np.setdiff1d(work_idx, np.concatenate([work_idx[result.classes[c].members] for c in result.accepted])
+        state.pool = np.setdiff1d(work_idx,
+                                  np.concatenate([work_idx[result.classes[c].members] for c in result.accepted])
                                   if result.accepted else np.array([], int))
         state.generation = g
         state.empty_generations = 0 if result.accepted else state.empty_generations + 1

@@ -224,8 +224,14 @@ def classify(
     if ckpt.exists():
         state = load_state(ckpt, run_id)  # refuses another run's folder, restart or not
         if not restart:
-            raise RunMismatchError(f"{out}: holds a finished or interrupted run; use isac.restart=true or another output_dir")
-        log.info("restarting after generation %d (%d particles accounted)", state.generation, int((state.class_of >= 0).sum()))
+            raise RunMismatchError(
+                f"{out}: holds a finished or interrupted run; use isac.restart=true or another output_dir"
+            )
+        log.info(
+            "restarting after generation %d (%d particles accounted)",
+            state.generation,
+            int((state.class_of >= 0).sum()),
+        )
     t0 = time.perf_counter()
 
     def on_generation(st, result, work_idx):

@@ -78,7 +78,9 @@ def prealign(
             avg = average.class_averages(images, params, labels, 1, mesh=mesh)
             # centre the average: shift it by minus the members' mean displacement, and the members with it
             sx = np.asarray(params.shift_x)
-            disp = np.array([np.mean(np.where(np.asarray(params.mirror), -sx, sx)), np.mean(np.asarray(params.shift_y))])
+            disp = np.array(
+                [np.mean(np.where(np.asarray(params.mirror), -sx, sx)), np.mean(np.asarray(params.shift_y))]
+            )
             avg = filters.fourier_shift(avg, -disp[0], -disp[1])
             params = compose(params, make_transform(0.0, -disp[0], -disp[1], False))
             done += 1

@@ -273,7 +273,9 @@ def write_relion_and_sphire(out: Path, stack, summary: dict, p, shifts: np.ndarr
         "jisacMirror": mirror.astype(int),
         "jisacPixelError": np.nan_to_num(errors, nan=-1.0),
     })
-    star.write_particle_star(out / "particles.star", stack.metadata, new, pixel_size=pixel_size, box_size=stack.box_size)
+    star.write_particle_star(
+        out / "particles.star", stack.metadata, new, pixel_size=pixel_size, box_size=stack.box_size
+    )
     if accounted.any():
         star.write_particle_star(
             out / "accounted.star", stack.metadata[accounted].reset_index(drop=True),

@@ -37,7 +37,9 @@ def make_particles(image, n, seed, max_shift=2.0, integer_shifts=False):
 
 def errors(found: T.Transform2D, truth: T.Transform2D):
     ang = angle_error(found.angle, truth.angle)
-    shift = np.hypot(np.asarray(found.shift_x) - np.asarray(truth.shift_x), np.asarray(found.shift_y) - np.asarray(truth.shift_y))
+    shift = np.hypot(
+        np.asarray(found.shift_x) - np.asarray(truth.shift_x), np.asarray(found.shift_y) - np.asarray(truth.shift_y)
+    )
     mirror_ok = np.asarray(found.mirror) == np.asarray(truth.mirror)
     return ang, shift, mirror_ok
 
@@ -81,7 +83,8 @@ def test_finds_the_right_reference_among_50_views(projections50):
     ang, shift, mirror_ok = errors(res.params, T.inverse(q))
     assert mirror_ok.all() and np.median(ang) < 2.0
     found_centre = np.stack([np.asarray(c) for c in T.particle_centre(res.params)], -1)
-    true_centre = np.stack([np.asarray(c) for c in T.particle_centre(T.inverse(q))], -1)  # T_q(0): q's shift, x-mirrored if q mirrors
+    # T_q(0): q's shift, x-mirrored if q mirrors
+    true_centre = np.stack([np.asarray(c) for c in T.particle_centre(T.inverse(q))], -1)
     centre_error = np.hypot(*(found_centre - true_centre).T)
     assert centre_error.mean() < 0.5, centre_error
 
@@ -205,7 +208,8 @@ def test_scores_only_table_and_assigned_search_match_the_full_table(projections5
     refs = filters.subtract_masked_mean(jnp.asarray(projections50[:k]), MASK)  # as isac.run_generation's
     # Current parameters away from the box centre (integer centres, as ISAC's), some mirrored: the grid must be
     # centred on the same point in both searches.
-    current = T.from_centre_and_angle(rng.integers(-1, 2, n).astype(np.float32), rng.integers(-1, 2, n).astype(np.float32),
+    current = T.from_centre_and_angle(rng.integers(-1, 2, n).astype(np.float32),
+                                      rng.integers(-1, 2, n).astype(np.float32),
                                       rng.uniform(0, 360, n).astype(np.float32), rng.integers(0, 2, n).astype(bool))
     bank = align.prepare_references(refs, DEFAULT)  # 20 refs in chunks of 16: padded, trimmed
     table = align.alignment_table(parts, bank, DEFAULT, params=current, particle_chunk=16)

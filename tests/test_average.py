@@ -31,7 +31,9 @@ def test_averages_match_reference_and_ignore_excluded(projections50):
 
 def test_aligned_copies_average_back_to_the_original(structured_image):
     rng = np.random.default_rng(1)
-    q = T.make_transform(rng.uniform(0, 360, 12), rng.uniform(-2, 2, 12), rng.uniform(-2, 2, 12), rng.integers(0, 2, 12).astype(bool))
+    q = T.make_transform(
+        rng.uniform(0, 360, 12), rng.uniform(-2, 2, 12), rng.uniform(-2, 2, 12), rng.integers(0, 2, 12).astype(bool)
+    )
     copies = T.apply_transform(jnp.broadcast_to(jnp.asarray(structured_image), (12, 76, 76)), q)
     avg = np.asarray(average.class_averages(copies, T.inverse(q), np.zeros(12, int), 2, chunk=16))
     inner = np.hypot(*np.meshgrid(np.arange(76) - 38, np.arange(76) - 38)) < 28

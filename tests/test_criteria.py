@@ -37,7 +37,9 @@ class Data:
         self.views = _views()
         n = 3 * CLASS_SIZE
         rng = np.random.default_rng(0)
-        self.q = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), rng.integers(0, 2, n).astype(bool))
+        self.q = T.make_transform(
+            rng.uniform(0, 360, n), rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), rng.integers(0, 2, n).astype(bool)
+        )
         self.truth = T.inverse(self.q)
         self.view_of = np.repeat(np.arange(3), CLASS_SIZE)
         self.labels = np.full((3, N_SLOTS), -1, np.int64)
@@ -69,7 +71,11 @@ class Data:
         n = len(self.view_of)
         runs = []
         for j in range(N_RUNS):
-            g = T.make_transform(rng.uniform(0, 360), *rng.uniform(-1, 1, 2), j == 0) if j < N_RUNS - 1 else T.identity()
+            g = (
+                T.make_transform(rng.uniform(0, 360), *rng.uniform(-1, 1, 2), j == 0)
+                if j < N_RUNS - 1
+                else T.identity()
+            )
             p = T.compose(self.truth, g)
             runs.append(p._replace(shift_x=p.shift_x + rng.normal(0, shift_noise_px, n).astype(np.float32),
                                    shift_y=p.shift_y + rng.normal(0, shift_noise_px, n).astype(np.float32)))
@@ -78,8 +84,8 @@ class Data:
     def random(self, seed=1):
         rng = np.random.default_rng(seed)
         shape = (len(self.view_of), N_RUNS)
-        return self.runs(T.make_transform(rng.uniform(0, 360, shape), rng.uniform(-1, 1, shape), rng.uniform(-1, 1, shape),
-                                          rng.integers(0, 2, shape).astype(bool)))
+        return self.runs(T.make_transform(rng.uniform(0, 360, shape), rng.uniform(-1, 1, shape),
+                                          rng.uniform(-1, 1, shape), rng.integers(0, 2, shape).astype(bool)))
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +256,9 @@ def test_config_group_selects_each_criterion_with_typed_options():
     with pytest.raises(Exception, match="min_fraction"):
         _compose(["stability.min_fraction=0.5"])  # another criterion's option is refused
     with pytest.raises(ValueError, match="stability.min_fraction"):
-        OmegaConf.to_object(_compose(["stability=reproducibility", "stability.min_fraction=2"])).stability.criterion(typed.isac)
+        OmegaConf.to_object(
+            _compose(["stability=reproducibility", "stability.min_fraction=2"])
+        ).stability.criterion(typed.isac)
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -265,7 +273,9 @@ def small_stack():
     phantom = synthetic.make_phantom(radius=0.85 * PIPE_RADIUS, seed=1)
     rot, tilt = synthetic.hemisphere_directions(4)
     mask = filters.circular_mask(PIPE_BOX, PIPE_BOX, PIPE_RADIUS)
-    views = filters.normalize_in_mask(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), PIPE_BOX), mask)
+    views = filters.normalize_in_mask(
+        synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), PIPE_BOX), mask
+    )
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 4, PIPE_N)
     q = T.make_transform(rng.uniform(0, 360, PIPE_N), rng.uniform(-1, 1, PIPE_N), rng.uniform(-1, 1, PIPE_N),

@@ -83,7 +83,9 @@ def test_random_tables_match_the_walk():
     for trial in range(80):
         n, k = shapes[trial % len(shapes)]
         centres = rng.standard_normal((3, k))
-        scores = (centres[rng.integers(0, 3, n)] + rng.uniform(0.1, 1.0) * rng.standard_normal((n, k))).astype(np.float32)
+        scores = (
+            centres[rng.integers(0, 3, n)] + rng.uniform(0.1, 1.0) * rng.standard_normal((n, k))
+        ).astype(np.float32)
         if trial % 3 == 0:
             scores = np.round(scores, 1)
         np.testing.assert_array_equal(np.asarray(assign_equal_size(jnp.asarray(scores))), greedy_reference(scores))

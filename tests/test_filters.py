@@ -36,7 +36,9 @@ def test_tanh_lowpass_removes_high_and_keeps_low_frequencies():
 
 def test_fourier_shift_integer_is_roll_and_subpixel_moves_centroid():
     img = gaussian(48, 0, 0, 3.0)
-    np.testing.assert_allclose(np.asarray(filters.fourier_shift(jnp.asarray(img), 3, -2)), np.roll(img, (-2, 3), (0, 1)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(filters.fourier_shift(jnp.asarray(img), 3, -2)), np.roll(img, (-2, 3), (0, 1)), atol=1e-5
+    )
     moved = np.asarray(filters.fourier_shift(jnp.asarray(img), 1.3, 0.6))
     np.testing.assert_allclose(moved, gaussian(48, 1.3, 0.6, 3.0), atol=1e-4)
     twice = filters.fourier_shift(filters.fourier_shift(jnp.asarray(img), 0.4, 0.2), 0.9, 0.4)

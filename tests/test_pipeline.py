@@ -25,7 +25,9 @@ def stack():
     views = filters.normalize_in_mask(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), BOX), mask)
     rng = np.random.default_rng(0)
     truth = rng.integers(0, N_VIEWS, N)
-    q = T.make_transform(rng.uniform(0, 360, N), rng.uniform(-1, 1, N), rng.uniform(-1, 1, N), rng.integers(0, 2, N).astype(bool))
+    q = T.make_transform(
+        rng.uniform(0, 360, N), rng.uniform(-1, 1, N), rng.uniform(-1, 1, N), rng.integers(0, 2, N).astype(bool)
+    )
     parts = synthetic.add_noise(T.apply_transform(views[truth], q), 0.15, jax.random.key(1))
     directions = synthetic.euler_to_matrix(rot, tilt, 0)[:, 2]  # viewing direction of each view
     return np.asarray(filters.normalize_in_mask(parts, mask)), truth, directions

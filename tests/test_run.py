@@ -30,7 +30,9 @@ def small_config(stack, out, **isac):
     settings = dict(radius=RADIUS, img_per_grp=30, minimum_grp_size=20, target_radius=RADIUS, target_nx=BOX,
                     maxit=10, init_iter=2, stab_ali=3, rand_seed=0)
     settings.update(isac)
-    return config.JisacConfig(output_dir=str(out), data=config.DataConfig(stack=str(stack)), isac=config.IsacConfig(**settings))
+    return config.JisacConfig(
+        output_dir=str(out), data=config.DataConfig(stack=str(stack)), isac=config.IsacConfig(**settings)
+    )
 
 
 def test_star_in_relion_and_sphire_files_out(star_stack, tmp_path):
@@ -79,7 +81,8 @@ def test_bad_input_fails_before_work(star_stack, tmp_path):
 
 def test_command_line_reports_one_line_errors(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "jisac", f"data.stack={tmp_path}/missing.star", "isac.radius=10", f"output_dir={tmp_path}/o"],
+        [sys.executable, "-m", "jisac", f"data.stack={tmp_path}/missing.star", "isac.radius=10",
+         f"output_dir={tmp_path}/o"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
@@ -128,7 +131,9 @@ def test_killed_process_restarts_to_the_same_result(tmp_path):
                 "isac.skip_prealignment=true", "isac.thld_err=0.45"]  # strict enough to need a second generation
 
     subprocess.run(command(tmp_path / "full"), check=True, capture_output=True, timeout=600)
-    generations = len(np.atleast_1d(__import__("json").loads((tmp_path / "full" / "summary.json").read_text())["generations"]))
+    generations = len(
+        np.atleast_1d(__import__("json").loads((tmp_path / "full" / "summary.json").read_text())["generations"])
+    )
     assert generations >= 2, "the data must need more than one generation for this test"
     victim = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "killed" / "main001" / "generation001" / "finished"

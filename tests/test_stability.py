@@ -16,7 +16,9 @@ def consistent_runs(n, n_runs, seed, noise_deg=0.0, noise_px=0.0, mirror_flip_ru
     """Run L-1 holds the true parameters P_i; run j holds compose(P_i, inverse(G_j)) for a random global G_j,
     i.e. the same alignment seen from another frame (what independent reference-free alignments give)."""
     rng = np.random.default_rng(seed)
-    truth = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n), rng.integers(0, 2, n).astype(bool))
+    truth = T.make_transform(
+        rng.uniform(0, 360, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n), rng.integers(0, 2, n).astype(bool)
+    )
     runs = []
     for j in range(n_runs - 1):
         g = T.make_transform(rng.uniform(0, 360), *rng.uniform(-3, 3, 2), j in mirror_flip_runs)
@@ -61,7 +63,10 @@ def test_perfectly_consistent_class_is_all_stable():
 def test_random_angles_are_not_stable():
     rng = np.random.default_rng(1)
     n, n_runs = 40, 5
-    runs = T.make_transform(rng.uniform(0, 360, (n_runs, n)), rng.uniform(-1, 1, (n_runs, n)), rng.uniform(-1, 1, (n_runs, n)), np.zeros((n_runs, n), bool))
+    runs = T.make_transform(
+        rng.uniform(0, 360, (n_runs, n)), rng.uniform(-1, 1, (n_runs, n)), rng.uniform(-1, 1, (n_runs, n)),
+        np.zeros((n_runs, n), bool),
+    )
     res = stability.pixel_error_stability(runs, jnp.ones(n, bool), THRESHOLD, RADIUS)
     assert not bool(res.stable.any())
     assert float(res.error_before_pruning) > 10.0
@@ -100,7 +105,9 @@ def test_batched_classes_with_padding_equal_single_class_results():
     runs = jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
     member = jnp.asarray(np.stack([np.ones(20, bool), member_b]))
     both = stability.pixel_error_stability_classes(runs, member, THRESHOLD, RADIUS)
-    single_b = stability.pixel_error_stability(jax.tree.map(lambda x: x[:, :14], b), jnp.ones(14, bool), THRESHOLD, RADIUS)
+    single_b = stability.pixel_error_stability(
+        jax.tree.map(lambda x: x[:, :14], b), jnp.ones(14, bool), THRESHOLD, RADIUS
+    )
     np.testing.assert_array_equal(np.asarray(both.stable[1, :14]), np.asarray(single_b.stable))
     assert not np.asarray(both.stable[1, 14:]).any()
     assert np.asarray(both.stable[0]).all()

@@ -50,7 +50,9 @@ def test_sweep_writes_a_row_per_run_and_a_failed_run_is_a_failed_row(first_sweep
     table = pd.read_csv(out / "sweep_summary.csv", keep_default_na=False)
     assert list(table.columns) == ["job", "isac.img_per_grp", "isac.minimum_grp_size", *sweep.RESULT_COLUMNS]
     assert len(table) == 4
-    assert table[["isac.img_per_grp", "isac.minimum_grp_size"]].values.tolist() == [[20, 10], [20, 25], [30, 10], [30, 25]]
+    assert table[["isac.img_per_grp", "isac.minimum_grp_size"]].values.tolist() == [
+        [20, 10], [20, 25], [30, 10], [30, 25]
+    ]
     assert table["status"].tolist() == ["ok", "failed", "ok", "ok"]
     failed = table.iloc[1]
     assert failed["error"].startswith("isac.minimum_grp_size (25) > isac.img_per_grp (20)")

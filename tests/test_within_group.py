@@ -18,7 +18,10 @@ def test_two_classes_converge_and_are_stable(projections50):
     views = projections50[[4, 30]]
     n_per = 24
     labels = np.repeat([0, 1], n_per)
-    q = T.make_transform(rng.uniform(0, 360, 2 * n_per), rng.uniform(-1, 1, 2 * n_per), rng.uniform(-1, 1, 2 * n_per), rng.integers(0, 2, 2 * n_per).astype(bool))
+    q = T.make_transform(
+        rng.uniform(0, 360, 2 * n_per), rng.uniform(-1, 1, 2 * n_per), rng.uniform(-1, 1, 2 * n_per),
+        rng.integers(0, 2, 2 * n_per).astype(bool),
+    )
     parts = T.apply_transform(jnp.asarray(views[labels]), q)
     parts = np.asarray(synthetic.add_noise(parts, 0.5, jax.random.key(0)))
 
@@ -62,7 +65,9 @@ def test_spectrum_cache_gives_the_uncached_result(projections50):
     rng = np.random.default_rng(5)
     n = 48
     labels = np.repeat([0, 1, 2], n // 3)
-    q = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-3, 3, n), rng.uniform(-3, 3, n), rng.integers(0, 2, n).astype(bool))
+    q = T.make_transform(
+        rng.uniform(0, 360, n), rng.uniform(-3, 3, n), rng.uniform(-3, 3, n), rng.integers(0, 2, n).astype(bool)
+    )
     parts = T.apply_transform(jnp.asarray(projections50[[2, 17, 40]][labels]), q)
     parts = np.asarray(synthetic.add_noise(parts, 0.5, jax.random.key(5)))
     start = T.make_transform(0.0, rng.uniform(-2.5, 2.5, n), rng.uniform(-2.5, 2.5, n), False)

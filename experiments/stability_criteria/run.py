@@ -44,7 +44,9 @@ def make_stack(n: int, n_views: int, snr: float, box: int, radius: int, seed: in
     views = filters.normalize_in_mask(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), box), mask)
     rng = np.random.default_rng(seed)
     truth = rng.integers(0, n_views, n)
-    q = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), rng.integers(0, 2, n).astype(bool))
+    q = T.make_transform(
+        rng.uniform(0, 360, n), rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), rng.integers(0, 2, n).astype(bool)
+    )
     parts = synthetic.add_noise(T.apply_transform(views[truth], q), snr, jax.random.key(seed + 1))
     directions = synthetic.euler_to_matrix(rot, tilt, 0)[:, 2]
     return np.asarray(filters.normalize_in_mask(parts, mask)), truth, np.asarray(directions)
