@@ -311,6 +311,14 @@ class Budget(NamedTuple):
     particle_chunk: int = 256
 
 
+def default_budget(platform: str | None = None) -> Budget:
+    """The ``Budget`` of a default configuration on ``platform`` (default: JAX's default backend): its preset
+    device budget and chunk sizes, 8 GiB of host memory (``config.HardwareConfig().budget(config.AlignConfig())``
+    without the config objects, for library calls that pass no budget)."""
+    sizes = (backend_preset(name, platform) for name in ("particle_batch", "reference_chunk", "particle_chunk"))
+    return Budget(backend_preset("memory_budget_mb", platform) << 20, 8 << 30, *sizes)
+
+
 class Plan(NamedTuple):
     """Chunk sizes of one generation: the MRA's inner steps and particles per call (all devices), and the most
     particles one within-group call holds (all devices)."""

@@ -167,7 +167,8 @@ def run_generation(
 
     ``criterion``: a stability criterion (``stability.make_criterion``); default ISAC2's pixel error with
     ``p.thld_err`` and the particle radius ``p.target_radius``. ``budget``: memory budgets that set the chunk
-    sizes (``hardware.plan``); results do not depend on it, nor on the mesh's device count.
+    sizes (``hardware.plan``; default: the backend's presets, ``hardware.default_budget``); results do not depend
+    on it, nor on the mesh's device count.
     """
     if criterion is None:
         criterion = stability.pixel_error_criterion(p.thld_err, float(p.target_radius))
@@ -177,9 +178,10 @@ def run_generation(
     k = n // p.img_per_grp
     mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
     options = p.align_options(k)
-    plan = hardware.plan(budget or hardware.Budget(), options, k, p.target_nx, 1 if mesh is None else mesh.size)
-    options = options._replace(particle_batch=plan.particle_batch, reference_chunk=plan.reference_chunk)
     platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    n_dev = 1 if mesh is None else mesh.size
+    plan = hardware.plan(budget or hardware.default_budget(platform), options, k, p.target_nx, n_dev)
+    options = options._replace(particle_batch=plan.particle_batch, reference_chunk=plan.reference_chunk)
     wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre,
                                          cache_window=hardware.backend_preset("within_group_cache_window", platform))
     k_init, key = jax.random.split(key)

@@ -58,6 +58,10 @@ def test_chunk_sizes_and_budget_follow_the_backend_unless_set():
     assert config.HardwareConfig().device_budget_mb("cpu") == 1024
     assert config.HardwareConfig().device_budget_mb("cuda") == hardware.BACKEND_PRESETS["gpu"]["memory_budget_mb"]
     assert config.HardwareConfig(memory_budget_mb=300).budget(config.AlignConfig()).device_bytes == 300 << 20
+    gpu_budget = hardware.default_budget("gpu")  # what library calls without a budget use
+    assert (gpu_budget.particle_batch, gpu_budget.reference_chunk, gpu_budget.particle_chunk) == tuple(gpu.values())
+    assert gpu_budget.device_bytes == hardware.BACKEND_PRESETS["gpu"]["memory_budget_mb"] << 20
+    assert hardware.default_budget() == config.HardwareConfig().budget(config.AlignConfig())  # the same defaults
     with pytest.raises(ValueError, match=r"^align.particle_chunk must be >= 1 \(got 0\)"):
         config.AlignConfig(particle_chunk=0).chunk_sizes()
 
