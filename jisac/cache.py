@@ -10,7 +10,8 @@ An entry is a folder ``<cache_dir>/<key>/`` holding
 - ``info.json``: what the key was made from; written last, so an entry without it is incomplete and ignored.
 
 Every file is written under a temporary name and renamed (``jisac.io.atomic``): a killed run, or two sweep jobs
-writing the same entry at once, never leave a half-written file that looks complete.
+writing the same entry at once, never leave a half-written file that looks complete. Runs that need the same
+entry at the same time take turns (:func:`entry_lock`): the first computes it, the others then hit.
 
 The key is a SHA-256 over the pixel data (as read, float32; hashed while the stack is scanned for non-finite
 pixels, which reads it anyway), the stack's size and pixel size, the CTF parameters when they are used, and every
@@ -20,6 +21,7 @@ time stamp: a moved or copied stack still hits, a rewritten one with the same na
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -99,12 +101,59 @@ def load(folder: Path, key: str) -> dict[str, np.ndarray] | None:
         return None
 
 
-def store(folder: Path, key: str, info: dict, **arrays: np.ndarray) -> Path:
-    """Writes entry ``key`` (each ``.npy`` atomically, ``info.json`` last) and returns its folder."""
+@contextlib.contextmanager
+def entry_lock(folder: Path, key: str):
+    """Holds an exclusive lock on entry ``key`` (``<folder>/<key>.lock``, ``fcntl.flock``) for the look-up and,
+    on a miss, the computation and storing of the entry.
+
+    Parallel sweep jobs on one stack (Hydra's joblib or SLURM launchers) then compute a shared entry once: the
+    first takes the lock, the others wait for it (saying so in the log) and hit. Where no lock can be taken (a
+    read-only folder, a filesystem without ``flock``, not POSIX) the run goes on without one: the entry is then
+    computed more than once, and the atomic writes keep it whole.
+    """
+    try:
+        import fcntl
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        handle = open(Path(folder) / f"{key}.lock", "a")
+    except (ImportError, OSError) as err:
+        log.debug("preprocessing cache: no lock for %s (%s)", key, err)
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("preprocessing cache: another run is preparing entry %s; waiting for it", key)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:  # e.g. a filesystem that does not support locks
+            log.debug("preprocessing cache: no lock for %s (%s)", key, err)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def store(folder: Path, key: str, info: dict, **arrays) -> Path:
+    """Writes entry ``key`` (each ``.npy`` atomically, ``info.json`` last) and returns its folder. ``arrays``:
+    NumPy arrays, or a ``DiskArray`` (a working stack on disk), which is copied in row blocks, never read whole."""
     entry = Path(folder) / key
     for name in ARRAYS:
         with atomic_path(entry / f"{name}.npy") as tmp:
             with open(tmp, "wb") as f:  # a file object, so np.save does not append ".npy" to the temporary name
-                np.save(f, arrays[name])
+                _save_npy(f, arrays[name])
     write_json(entry / "info.json", info)
     return entry
+
+
+def _save_npy(f, array, rows_per_write: int = 4096) -> None:
+    """``np.save`` of ``array`` to the open file ``f``; an array-like that is not a NumPy array (``DiskArray``)
+    is written ``rows_per_write`` rows at a time, as float32."""
+    if isinstance(array, np.ndarray):
+        np.save(f, array)
+        return
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+              "shape": tuple(array.shape)}
+    np.lib.format.write_array_header_1_0(f, header)
+    for start in range(0, array.shape[0], rows_per_write):
+        f.write(np.ascontiguousarray(array[start : start + rows_per_write], dtype="<f4").tobytes())

@@ -95,6 +95,11 @@ class DiskArray:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole array as read (float32)."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
         first, rest = key[0], key[1:]

@@ -196,20 +196,21 @@ def _cached_preprocessing(cfg: config.JisacConfig, stack, prep: preprocess.Prepr
     }
     key, info = cache.make_key(digest.hexdigest(), settings, ctf_params)
     folder = cache.resolve_folder(cfg.data.cache_dir)
-    t = time.perf_counter()
-    hit = cache.load(folder, key)
-    if hit is not None and len(hit["working"]) == len(keep):
-        timings["cache_load"] = round(time.perf_counter() - t, 2)
-        log.info("preprocessing cache hit: working stack and pre-alignment from %s (%.1f s)", folder / key,
-                 timings["cache_load"])
-        return hit["shifts"], hit["working"], {"status": "hit", "key": key, "path": str(folder / key)}
-    log.info("preprocessing cache miss: computing the pre-alignment and working stack (key %s)", key)
-    shifts, images = _preprocess(*args)
-    try:
-        entry = cache.store(folder, key, info, working=images, shifts=shifts, keep=keep)
-        log.info("stored in the preprocessing cache: %s (%.0f MB)", entry, images.nbytes / 2**20)
-    except OSError as err:  # a full or read-only cache folder must not fail the run
-        log.warning("could not write the preprocessing cache %s: %s", folder / key, err)
+    with cache.entry_lock(folder, key):  # parallel sweep jobs compute a shared entry once
+        t = time.perf_counter()
+        hit = cache.load(folder, key)
+        if hit is not None and len(hit["working"]) == len(keep):
+            timings["cache_load"] = round(time.perf_counter() - t, 2)
+            log.info("preprocessing cache hit: working stack and pre-alignment from %s (%.1f s)", folder / key,
+                     timings["cache_load"])
+            return hit["shifts"], hit["working"], {"status": "hit", "key": key, "path": str(folder / key)}
+        log.info("preprocessing cache miss: computing the pre-alignment and working stack (key %s)", key)
+        shifts, images = _preprocess(*args)
+        try:
+            entry = cache.store(folder, key, info, working=images, shifts=shifts, keep=keep)
+            log.info("stored in the preprocessing cache: %s (%.0f MB)", entry, images.nbytes / 2**20)
+        except OSError as err:  # a full or read-only cache folder must not fail the run
+            log.warning("could not write the preprocessing cache %s: %s", folder / key, err)
     return shifts, images, {"status": "miss", "key": key, "path": str(folder / key)}
 
 

@@ -6,6 +6,7 @@ import logging
 import math
 import subprocess
 import sys
+import time
 
 import mrcfile
 import numpy as np
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 
 from jisac import cache, synthetic, sweep
+from jisac.diskarray import DiskArray
 from jisac.io.star import write_stack_and_star
 
 BOX, RADIUS, N = 32, 12, 60  # tiny: 2-3 classes of 20-30 particles; every JAX compile counts
@@ -170,3 +172,33 @@ def test_cache_key_follows_the_data_and_every_preprocessing_setting():
     other = ctf.make_ctf_params(np.full(4, 1.6e4), np.full(4, 1.4e4), np.zeros(4), pixel_size_angst=2.0)
     assert cache.make_key(digest(images), settings, other)[0] != with_ctf
     assert info["pixels_sha256"] == digest(images) and info["version"] == cache.CACHE_VERSION
+
+
+def test_cache_entry_round_trip_with_a_working_stack_on_disk(tmp_path):
+    working = np.random.default_rng(1).standard_normal((9, 6, 6)).astype(np.float32)
+    with mrcfile.new(tmp_path / "working_stack.mrcs") as mrc:  # a scratch working stack, as run.py writes one
+        mrc.set_data(working)
+    on_disk = DiskArray.from_mrc(tmp_path / "working_stack.mrcs")
+    shifts, keep = np.zeros((10, 2), np.float32), np.delete(np.arange(10), 4)
+    entry = cache.store(tmp_path / "c", "k1", {"n": 10}, working=on_disk, shifts=shifts, keep=keep)
+    hit = cache.load(tmp_path / "c", "k1")
+    assert isinstance(hit["working"], DiskArray) and entry == tmp_path / "c" / "k1"
+    np.testing.assert_array_equal(hit["working"][:], working)
+    np.testing.assert_array_equal(np.load(entry / "working.npy"), working)  # a plain .npy file for NumPy too
+    np.testing.assert_array_equal(hit["keep"], keep)
+
+
+def test_a_second_run_waits_for_the_entry_another_run_is_preparing(tmp_path, caplog):
+    holder = subprocess.Popen(  # another run holding the entry's lock for a moment
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(1.0)", str(tmp_path / "k2.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="jisac"):
+        with cache.entry_lock(tmp_path, "k2"):
+            waited = time.monotonic() - t0  # the lock only comes once the other run lets go (after its 1 s)
+    assert waited > 0.5, waited
+    assert "another run is preparing entry k2; waiting for it" in caplog.text
+    holder.wait(timeout=10)
