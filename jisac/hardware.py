@@ -4,8 +4,8 @@ processes (``jax.distributed``), chunk sizes from a memory budget, and a per-sta
 Layout of the work (``shared/jax_notes.md`` §1): particles are split over a one-axis mesh named ``data`` (all
 selected devices, of all processes), references are replicated. Every process runs the same Python control flow
 on the same host values (small per-particle results are gathered to every process with ``fetch``); the big
-per-particle inputs are built with ``put_rows``, which reads only the rows of this process's devices (a memory
-map or a lazy row view is never read whole). Results do not depend on the device count: per-particle work is the
+per-particle inputs are built with ``put_rows``, which reads only the rows of this process's devices (a stack
+on disk or a lazy row view is never read whole). Results do not depend on the device count: per-particle work is the
 same computation whatever the split, and class sums are exact (``average`` module docstring); randomness comes
 from one key per run, never split per device.
 """
@@ -304,19 +304,20 @@ class Budget(NamedTuple):
             ``particle_chunk`` is per device.
     """
 
-    device_bytes: int = 1 << 30
+    # the CPU presets (``default_budget`` gives any backend's)
+    device_bytes: int = BACKEND_PRESETS["cpu"]["memory_budget_mb"] << 20
     host_bytes: int = 8 << 30
-    particle_batch: int = 4
-    reference_chunk: int = 50
-    particle_chunk: int = 256
+    particle_batch: int = BACKEND_PRESETS["cpu"]["particle_batch"]
+    reference_chunk: int = BACKEND_PRESETS["cpu"]["reference_chunk"]
+    particle_chunk: int = BACKEND_PRESETS["cpu"]["particle_chunk"]
 
 
 def default_budget(platform: str | None = None) -> Budget:
     """The ``Budget`` of a default configuration on ``platform`` (default: JAX's default backend): its preset
     device budget and chunk sizes, 8 GiB of host memory (``config.HardwareConfig().budget(config.AlignConfig())``
     without the config objects, for library calls that pass no budget)."""
-    sizes = (backend_preset(name, platform) for name in ("particle_batch", "reference_chunk", "particle_chunk"))
-    return Budget(backend_preset("memory_budget_mb", platform) << 20, 8 << 30, *sizes)
+    sizes = {name: backend_preset(name, platform) for name in ("particle_batch", "reference_chunk", "particle_chunk")}
+    return Budget(device_bytes=backend_preset("memory_budget_mb", platform) << 20, **sizes)
 
 
 class Plan(NamedTuple):
@@ -350,9 +351,9 @@ def plan(budget: Budget, options, n_references: int, box: int, n_devices: int) -
 
 
 def working_stack_on_disk(n: int, box: int, budget: Budget, output_dir):
-    """Where to memory-map the ``(n, box, box)`` float32 working stack when it is above half the host budget or
-    the run has several processes (process 0 prepares it once, every process maps it and reads its own rows):
-    ``<output_dir>/scratch/working_stack.mrcs``; else None (kept in memory)."""
+    """Where to keep the ``(n, box, box)`` float32 working stack on disk when it is above half the host budget or
+    the run has several processes (process 0 prepares it once, every process reads its own rows of it,
+    ``jisac.diskarray``): ``<output_dir>/scratch/working_stack.mrcs``; else None (kept in memory)."""
     from pathlib import Path
 
     if n * box * box * 4 <= budget.host_bytes // 2 and jax.process_count() == 1:

@@ -119,8 +119,7 @@ def run(cfg: config.JisacConfig) -> dict:
     memory.record("isac")
     if hardware.is_main_process():
         write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size, keep)
-        if disk is not None:  # the scratch stacks
-            del images
+        if disk is not None:  # the scratch stacks (read with plain reads: nothing holds them open)
             for scratch in (disk, disk.with_name("prealign_stack.mrcs")):
                 scratch.unlink(missing_ok=True)
     timings["total"] = round(time.perf_counter() - t0, 2)
