@@ -109,15 +109,16 @@ class DiskArray:
             i = int(first)
             if not -self.shape[0] <= i < self.shape[0]:
                 raise IndexError(f"{self.path}: row {i} out of range (the file holds {self.shape[0]} rows)")
-            return self._read([i % self.shape[0]])[0][rest]
+            return self.read([i % self.shape[0]])[0][rest]
         else:
             rows = np.asarray(first)
             if rows.dtype == bool:
                 rows = np.nonzero(rows)[0]
             rows = np.where(rows < 0, rows + self.shape[0], rows)
-        return self._read(rows)[(slice(None),) + rest]
+        return self.read(rows)[(slice(None),) + rest]
 
-    def _read(self, rows) -> np.ndarray:
+    def read(self, rows) -> np.ndarray:
+        """Rows ``rows`` (``(k,)`` 0-based indices, any order, repeats allowed) as float32 (``read_rows``)."""
         return read_rows(self.path, self.offset, self.shape, self.file_dtype, rows)
 
     def __array__(self, dtype=None, copy=None):

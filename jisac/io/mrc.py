@@ -15,7 +15,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
-from jisac.diskarray import read_rows
+from jisac.diskarray import DiskArray
 from jisac.io.atomic import atomic_path
 from jisac.io.errors import StackError, StackFileNotFoundError
 from jisac.io.table import ParticleTable, image_names
@@ -41,7 +41,7 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
 
 
 class MrcImageFile:
-    """One memory-mapped MRC/MRCS file of 2D images.
+    """One MRC/MRCS file of 2D images, read lazily (only the images asked for).
 
     shape:      ``(n, ny, nx)``.
     pixel_size: Å per pixel from the header voxel size, ``None`` when the header says 0.
@@ -62,12 +62,11 @@ class MrcImageFile:
             self._mrc.close()
             raise StackError(f"{self.path}: the MRC header does not describe 2D images or an image stack; "
                              "check the file or re-export it")
-        self.shape = tuple(int(s) for s in (data[None] if data.ndim == 2 else data).shape)
-        self._dtype = data.dtype  # with the file's byte order, as mrcfile interprets the mode
-        self._offset = 1024 + int(self._mrc.header.nsymbt)  # the data follow the header and extended header
         size = float(self._mrc.voxel_size.x)
         self.pixel_size = size if size > 0 else None
         self._mrc.close()  # nothing of the memory map is used from here on
+        self._rows = DiskArray.from_mrc(self.path)  # the images' bytes, read with plain reads
+        self.shape = self._rows.shape
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -76,7 +75,7 @@ class MrcImageFile:
         """The images at 0-based ``indices`` (``(k,)`` int, any order, repeats allowed) as ``(k, ny, nx)``
         float32; only those images' bytes are read, one read per run of consecutive indices."""
         try:
-            return read_rows(self.path, self._offset, self.shape, self._dtype, indices)
+            return self._rows.read(indices)
         except IndexError:
             raise IndexError(f"{self.path}: image index out of range (the file holds {self.shape[0]} images)") from None
         except EOFError:
