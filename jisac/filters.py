@@ -91,3 +91,40 @@ def normalize_in_mask(images: Array, mask: np.ndarray) -> Array:
     mean = jnp.sum(images * m, axis=(-2, -1), keepdims=True) / count
     var = jnp.sum(jnp.square(images - mean) * m, axis=(-2, -1), keepdims=True) / count
     return (images - mean) * jax.lax.rsqrt(jnp.maximum(var, 1e-30))
+
+
+def fourier_ring_correlation(a: Array, b: Array) -> Array:
+    """FRC of image pairs ``(..., ny, nx)`` in shells of width ``1 / nx`` cycles/px: ``(..., nx // 2 + 1)``,
+    shell ``s`` at frequency ``s / nx`` (0.5 = Nyquist). Empty or zero shells give 0."""
+    ny, nx = a.shape[-2:]
+    n_shells = nx // 2 + 1
+    shell = np.rint(radial_frequency(ny, nx) * nx).astype(np.int64)
+    # rfft2 keeps one of each conjugate pair: interior columns stand for two coefficients
+    weight = np.full(shell.shape, 2.0)
+    weight[:, 0] = 1.0
+    if nx % 2 == 0:
+        weight[:, -1] = 1.0
+    onehot = (shell.reshape(-1, 1) == np.arange(n_shells)[None]) * weight.reshape(-1, 1)
+    onehot = jnp.asarray(onehot, jnp.float32)  # (pixels, shells); corners beyond Nyquist fall out
+    fa = jnp.fft.rfft2(a).reshape(*a.shape[:-2], -1)
+    fb = jnp.fft.rfft2(b).reshape(*b.shape[:-2], -1)
+    hi = jax.lax.Precision.HIGHEST
+    cross = jnp.matmul(jnp.real(fa * jnp.conj(fb)), onehot, precision=hi)
+    pa = jnp.matmul(jnp.abs(fa) ** 2, onehot, precision=hi)
+    pb = jnp.matmul(jnp.abs(fb) ** 2, onehot, precision=hi)
+    denom = jnp.sqrt(pa * pb)
+    return jnp.where(denom > 0, cross / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def frc_resolution(frc: Array, threshold: float, box: int) -> Array:
+    """Frequency (cycles/px) where the FRC ``(..., shells)`` first falls below ``threshold`` (shell 0, the mean,
+    is ignored; linear interpolation between shells). Never below ``1 / box``; 0.5 if it never falls."""
+    n_shells = frc.shape[-1]
+    shells = jnp.arange(n_shells)
+    below = (frc < threshold) & (shells >= 1)
+    first = jnp.where(below.any(-1), jnp.argmax(below, -1), n_shells - 1)
+    hi = jnp.take_along_axis(frc, first[..., None], -1)[..., 0]
+    lo = jnp.take_along_axis(frc, (first - 1)[..., None], -1)[..., 0]
+    step = jnp.clip((lo - threshold) / jnp.maximum(lo - hi, 1e-12), 0.0, 1.0)
+    crossing = jnp.where(below.any(-1), first - 1 + step, 0.5 * box)
+    return jnp.clip(crossing / box, 1.0 / box, 0.5)

@@ -31,7 +31,7 @@ from jisac import cache, config, ctf, hardware, io, pipeline, prealign, preproce
 from jisac.diskarray import DiskArray
 from jisac.io import hdf, star
 from jisac.io.atomic import atomic_path, write_json
-from jisac.transforms import Transform2D, compose, make_transform, to_relion
+from jisac.transforms import Transform2D, to_input_frame, to_relion
 
 log = logging.getLogger("jisac")
 
@@ -261,8 +261,7 @@ def write_relion_and_sphire(out: Path, stack, summary: dict, p, shifts: np.ndarr
     params = np.loadtxt(out / "all_parameters.txt", ndmin=2)
     accounted = class_number > 0
     # Full 2D alignment in input pixels: the pre-alignment shift first, then ISAC's (working pixels / s).
-    isac_p = make_transform(params[:, 0], params[:, 1] / s, params[:, 2] / s, params[:, 3] > 0)
-    full = compose(make_transform(0.0, shifts[:, 0], shifts[:, 1], False), isac_p)
+    full = to_input_frame(shifts, Transform2D(*(params[:, i] for i in range(3)), params[:, 3] > 0), s)
     full = Transform2D(*(np.where(accounted, np.asarray(f), np.zeros_like(np.asarray(f))) for f in full))
     psi, ox, oy, mirror = (np.asarray(v) for v in to_relion(full, pixel_size))
     new = pd.DataFrame({

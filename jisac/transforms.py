@@ -174,6 +174,32 @@ def from_relion(psi, origin_x_angst, origin_y_angst, mirror=False, pixel_size_an
     return Transform2D(wrap_angle(angle), sx, sy, mirror)
 
 
+# ------------------------------------------------------------------------------------- input frame
+
+
+def to_input_frame(prealign_shifts, working_params: Transform2D, shrink_ratio: float) -> Transform2D:
+    """A particle's full 2D alignment in the pixels of the INPUT stack, from ISAC's two steps.
+
+    ISAC pre-aligns a shrunk copy of every particle (its centring shift, here already in input pixels) and then
+    aligns the shifted, shrunk working image (``working_params``, working pixels). The full alignment is the
+    pre-alignment shift followed by ISAC's parameters with their shifts divided by ``shrink_ratio``
+    (working px / input px). The STAR writer and the beautifier both use this one function.
+
+    Args:
+        prealign_shifts: ``(n, 2)`` ``(x, y)`` pre-alignment shifts, input pixels.
+        working_params: ``Transform2D`` with fields ``(n,)``, working pixels.
+        shrink_ratio: working pixels per input pixel (``target_radius / radius``).
+
+    Returns:
+        ``Transform2D`` with fields ``(n,)``: apply it to the input image to bring it onto the class average
+        (scaled to the input pixel size).
+    """
+    shifts = np.asarray(prealign_shifts, np.float32)
+    isac = make_transform(working_params.angle, np.asarray(working_params.shift_x) / shrink_ratio,
+                          np.asarray(working_params.shift_y) / shrink_ratio, working_params.mirror)
+    return compose(make_transform(0.0, shifts[:, 0], shifts[:, 1], False), isac)
+
+
 # ------------------------------------------------------------------------------------- image resampling
 
 
@@ -245,8 +271,3 @@ def apply_transform(images: Array, p: Transform2D) -> Array:
     flat_p = Transform2D(*(f.reshape(-1) for f in p))
     out = jax.vmap(_apply_one)(flat_imgs, flat_p)
     return out.reshape(images.shape)
-
-
-def to_numpy(p: Transform2D) -> dict[str, np.ndarray]:
-    """The fields as NumPy arrays (for writing tables)."""
-    return {name: np.asarray(value) for name, value in p._asdict().items()}

@@ -194,17 +194,17 @@ def test_fourier_ring_correlation_and_resolution():
     rng = np.random.default_rng(5)
     a = rng.standard_normal((2, 32, 32)).astype(np.float32)
     b = rng.standard_normal((2, 32, 32)).astype(np.float32)
-    same = np.asarray(stability.fourier_ring_correlation(a, a))
+    same = np.asarray(filters.fourier_ring_correlation(a, a))
     np.testing.assert_allclose(same[:, 1:], 1.0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(stability.fourier_ring_correlation(a, -a))[:, 1:], -1.0, atol=1e-5)
-    independent = np.asarray(stability.fourier_ring_correlation(a, b))
+    np.testing.assert_allclose(np.asarray(filters.fourier_ring_correlation(a, -a))[:, 1:], -1.0, atol=1e-5)
+    independent = np.asarray(filters.fourier_ring_correlation(a, b))
     assert np.abs(independent[:, 4:]).mean() < 0.12  # ~ 1 / sqrt(coefficients per shell)
-    assert (np.asarray(stability.frc_resolution(jnp.asarray(independent), 0.5, 32)) < 0.1).all()
+    assert (np.asarray(filters.frc_resolution(jnp.asarray(independent), 0.5, 32)) < 0.1).all()
     # curve 1 - s/8 crosses 0.5 at shell 4: 4/32 cycles/px; never crossing: Nyquist; crossing at once: 1/box
     curve = jnp.asarray(np.clip(1 - np.arange(17) / 8, 0, 1), jnp.float32)
-    assert float(stability.frc_resolution(curve, 0.5, 32)) == pytest.approx(4 / 32)
-    assert float(stability.frc_resolution(jnp.ones(17), 0.5, 32)) == 0.5
-    assert float(stability.frc_resolution(jnp.zeros(17), 0.5, 32)) == pytest.approx(1 / 32)
+    assert float(filters.frc_resolution(curve, 0.5, 32)) == pytest.approx(4 / 32)
+    assert float(filters.frc_resolution(jnp.ones(17), 0.5, 32)) == 0.5
+    assert float(filters.frc_resolution(jnp.zeros(17), 0.5, 32)) == pytest.approx(1 / 32)
 
 
 def test_split_half_resolution_drops_with_noise(data):
