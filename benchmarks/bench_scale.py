@@ -65,7 +65,7 @@ def classify_pass(images, k: int, budget, mesh, full_table: bool = False) -> dic
     from jisac.eqkmeans import assign_equal_size
 
     p = isac.IsacParams()
-    options = p.align_options(k)
+    options = p.align
     plan = hardware.plan(budget, options, k, p.target_nx, mesh.size)
     options = options._replace(particle_batch=plan.particle_batch, reference_chunk=plan.reference_chunk)
     n = images.shape[0]
@@ -109,7 +109,7 @@ def device_run(n: int, img_per_grp: int, budget_mb: int | None, full_table: bool
     rng = np.random.default_rng(0)
     images = rng.normal(size=(n, 76, 76)).astype(np.float32)
     mesh = hardware.data_mesh()
-    budget = config.HardwareConfig(memory_budget_mb=budget_mb).budget(config.AlignConfig())
+    budget = config.budget(config.JisacConfig(hardware=config.HardwareConfig(memory_budget_mb=budget_mb)))
     res = classify_pass(images, max(2, n // img_per_grp), budget, mesh, full_table)
     res["devices"] = mesh.size
     res["particles_per_s"] = n / (res["mra_s"] + res["assign_s"] + res["params_s"])
@@ -141,8 +141,8 @@ def main() -> None:
     from jisac.io import open_stack
 
     # the budgets and chunk sizes `python -m jisac` would use here (the backend's presets unless --budget-mb)
-    budget = config.HardwareConfig(memory_budget_mb=args.budget_mb,
-                                   host_memory_budget_mb=args.host_budget_mb).budget(config.AlignConfig())
+    budget = config.budget(config.JisacConfig(hardware=config.HardwareConfig(
+        memory_budget_mb=args.budget_mb, host_memory_budget_mb=args.host_budget_mb)))
     mesh = hardware.data_mesh()
     k = args.n // args.img_per_grp
     radius = int(0.4 * args.box)

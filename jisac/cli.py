@@ -9,7 +9,9 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
-from jisac import config
+from jisac import config, hardware
+from jisac.demo import run_alignment_demo
+from jisac.run import run
 from jisac.sweep import SweepJob
 
 config.register()
@@ -41,19 +43,13 @@ def main(cfg) -> float:
         typed: config.JisacConfig = OmegaConf.to_object(cfg)
         if job is not None:  # output_dir names the sweep folder; each run writes into its own job folder there
             typed.output_dir = str(job.folder)
-        from jisac import hardware
-
         hardware.setup(typed.hardware)  # before any JAX computation: devices, jax.distributed
         if typed.data.stack is None and typed.demo.kind == "alignment":
-            from jisac.demo import run_alignment_demo
-
             return run_alignment_demo(typed)["view_accuracy"]
         if typed.demo.kind not in ("isac", "alignment"):
             raise ValueError(f"demo.kind must be 'isac' or 'alignment' (got {typed.demo.kind!r})")
         if typed.data.stack is None:
             _demo_schedule(typed)
-        from jisac.run import run
-
         summary = run(typed)
     except (ValueError, FileNotFoundError) as err:
         if job is not None:  # in a sweep: a failed row, and the other runs go on

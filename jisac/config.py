@@ -1,18 +1,27 @@
-"""Typed configuration: Hydra schemas (mutable dataclasses) and their conversion to the frozen, hashable
-parameter values the JAX code takes. Nothing below ``jisac.cli`` reads a DictConfig.
+"""Configuration layer (top): the Hydra schema (mutable dataclasses) and ``run_params``, the one conversion of a
+composed configuration into the frozen parameters of a whole run. Nothing below ``jisac.run`` reads a config.
 
-Defaults and names follow SPHIRE's ``sp_isac2.py`` in lower case (``shared/isac_algorithm.md`` §1).
+Defaults and names follow SPHIRE's ``sp_isac2.py`` in lower case (``shared/isac_algorithm.md`` §1); the schema's
+defaults are read from the parameter objects (``isac.IsacParams``, ``polar.RingGeometry``, ...), never written
+twice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from jisac.align import AlignOptions, SearchGrid, chunk_sizes_for_budget
+from jisac import criteria, isac
+from jisac.align import AlignOptions, SearchGrid
+from jisac.hardware import Budget, backend_preset, parse_device_ids
 from jisac.polar import RingGeometry
+from jisac.preprocess import PreprocessParams
+
+_ISAC = isac.IsacParams()
+_RINGS = RingGeometry()
+_GRID = SearchGrid()
 
 
 @dataclass
@@ -21,58 +30,29 @@ class IsacConfig:
     (``shared/isac_algorithm.md`` §1). Lengths are in the shrunken working frame unless stated."""
 
     radius: Optional[int] = None  # particle radius in pixels of the INPUT stack (required for a real stack)
-    img_per_grp: int = 200  # K = floor(N / img_per_grp) classes per generation
+    img_per_grp: int = _ISAC.img_per_grp  # K = floor(N / img_per_grp) classes per generation
     minimum_grp_size: Optional[int] = None  # accepted if stable members > this; default 60 % of img_per_grp
     ctf: bool = False  # phase-flip with the stack's CTF parameters
     vpp: bool = False  # phase-plate data: whiten with the mean rotational amplitude spectrum
-    target_radius: int = 29  # particle radius after shrinking; also the outermost ring
-    target_nx: int = 76  # working box size
-    xr: float = 1.0  # translational search half-range, px
+    target_radius: int = _RINGS.last_ring  # particle radius after shrinking; also the outermost ring
+    target_nx: int = _ISAC.target_nx  # working box size
+    xr: float = _GRID.xr  # translational search half-range, px
     yr: float = -1.0  # y half-range; -1 means "same as xr"
-    ts: float = 1.0  # translational search step, px
-    maxit: int = 30  # passes of each reference-free within-group alignment
+    ts: float = _GRID.ts  # translational search step, px
+    maxit: int = _ISAC.maxit  # passes of each reference-free within-group alignment
     center_method: int = -1  # centring of the pre-alignment average: -1 average shift (the one implemented)
-    dst: float = 90.0  # coarse rotation step of early within-group passes, degrees
-    fl: float = 0.2  # first low-pass cutoff of EQ-K-means averages, cycles/px
-    fh: float = 0.45  # final cutoff; also of within-group and final averages
-    ff: float = 0.2  # tanh fall-off
-    init_iter: int = 7  # maximum SAC rounds per generation
-    iter_reali: int = 1  # stability test on rounds whose 0-based index is a multiple of this
-    stab_ali: int = 5  # independent alignments per class for the stability test
-    thld_err: float = 0.7  # pixel-error threshold for "stable", working pixels
+    dst: float = _ISAC.dst  # coarse rotation step of early within-group passes, degrees
+    fl: float = _ISAC.fl  # first low-pass cutoff of EQ-K-means averages, cycles/px
+    fh: float = _ISAC.fh  # final cutoff; also of within-group and final averages
+    ff: float = _ISAC.ff  # tanh fall-off
+    init_iter: int = _ISAC.init_iter  # maximum SAC rounds per generation
+    iter_reali: int = _ISAC.iter_reali  # stability test on rounds whose 0-based index is a multiple of this
+    stab_ali: int = _ISAC.stab_ali  # independent alignments per class for the stability test
+    thld_err: float = _ISAC.thld_err  # pixel-error threshold for "stable", working pixels
     rand_seed: int = 0  # every random choice derives from jax.random.key(rand_seed)
     skip_prealignment: bool = False
     restart: bool = True  # continue from the last finished generation found in output_dir
-    main_iter_limit: int = -1  # stop after this many generations (-1: until the pool is exhausted)
-
-    def params(self, n_particles: int | None = None):
-        """Validated, frozen ``isac.IsacParams`` (raises ``ValueError`` naming the option)."""
-        from jisac.isac import IsacParams
-
-        minimum = self.minimum_grp_size if self.minimum_grp_size is not None else int(0.6 * self.img_per_grp)
-        p = IsacParams(
-            img_per_grp=self.img_per_grp,
-            minimum_grp_size=minimum,
-            target_radius=self.target_radius,
-            target_nx=self.target_nx,
-            xr=self.xr,
-            yr=self.xr if self.yr < 0 else self.yr,
-            ts=self.ts,
-            maxit=self.maxit,
-            dst=self.dst,
-            fl=self.fl,
-            fh=self.fh,
-            ff=self.ff,
-            init_iter=self.init_iter,
-            iter_reali=self.iter_reali,
-            stab_ali=self.stab_ali,
-            thld_err=self.thld_err,
-            main_iter_limit=self.main_iter_limit,
-        )
-        p.validate(n_particles)
-        if self.center_method != -1:
-            raise ValueError(f"isac.center_method={self.center_method}: only -1 (average shift) is implemented")
-        return p
+    main_iter_limit: int = _ISAC.main_iter_limit  # stop after this many generations (-1: until the pool is exhausted)
 
 
 @dataclass
@@ -87,35 +67,18 @@ class DataConfig:
 class AlignConfig:
     """The polar alignment engine (``jisac.align``, ``jisac.polar``)."""
 
-    first_ring: int = 1  # SPHIRE --ir
-    ring_step: int = 1  # SPHIRE --rs
-    n_angles: int = 256  # samples per ring (GPU ISAC)
-    bandlimit: bool = True  # skip angular frequencies above ceil(pi r) + 1 on ring r
+    first_ring: int = _RINGS.first_ring  # SPHIRE --ir
+    ring_step: int = _RINGS.ring_step  # SPHIRE --rs
+    n_angles: int = _RINGS.n_angles  # samples per ring (GPU ISAC)
+    bandlimit: bool = _RINGS.bandlimit  # skip angular frequencies above ceil(pi r) + 1 on ring r
     # Preferred chunk sizes; null: the preset of the backend the run is on (hardware.BACKEND_PRESETS, the fastest
     # measured with benchmarks/bench_chunks.py). hardware.memory_budget_mb lowers them when needed.
     particle_batch: Optional[int] = None  # particles per inner step inside one jitted call
     reference_chunk: Optional[int] = None  # references per inner step
     particle_chunk: Optional[int] = None  # particles per jitted call and device (host side)
 
-    def chunk_sizes(self, platform: str | None = None) -> dict[str, int]:
-        """``{name: size}`` for ``ALIGN_CHUNK_SIZES``: the value set, else the preset of ``platform`` (default:
-        JAX's default backend). Raises ``ValueError`` naming the first one below 1."""
-        from jisac.hardware import backend_preset
-
-        sizes = {name: backend_preset(name, platform) if getattr(self, name) is None else getattr(self, name)
-                 for name in ALIGN_CHUNK_SIZES}
-        _require_positive("align", sizes)
-        return sizes
-
 
 ALIGN_CHUNK_SIZES = ("particle_batch", "reference_chunk", "particle_chunk")
-
-
-def _require_positive(section: str, values: dict) -> None:
-    """Stops with one line naming ``section.name`` for the first value below 1."""
-    for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{section}.{name} must be >= 1 (got {value})")
 
 
 @dataclass
@@ -130,23 +93,6 @@ class HardwareConfig:
     coordinator_address: Optional[str] = None  # host:port of process 0 (else detected from SLURM / Open MPI)
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
-
-    def budget(self, align: "AlignConfig"):
-        """The ``hardware.Budget`` for these budgets and ``align``'s preferred chunk sizes (validated)."""
-        from jisac.hardware import Budget, parse_device_ids
-
-        sizes = align.chunk_sizes()
-        parse_device_ids(self.devices)
-        return Budget(self.device_budget_mb() << 20, self.host_memory_budget_mb << 20, **sizes)
-
-    def device_budget_mb(self, platform: str | None = None) -> int:
-        """``memory_budget_mb``, else the preset of ``platform`` (default: JAX's default backend); both
-        budgets are checked (one line naming the parameter)."""
-        from jisac.hardware import backend_preset
-
-        mb = backend_preset("memory_budget_mb", platform) if self.memory_budget_mb is None else self.memory_budget_mb
-        _require_positive("hardware", {"memory_budget_mb": mb, "host_memory_budget_mb": self.host_memory_budget_mb})
-        return mb
 
 
 @dataclass
@@ -169,13 +115,9 @@ class StabilityConfig:
     name: str = "pixel_error"
     max_iter: int = 50  # L-BFGS iterations of the pixel-error corrections
 
-    def _options(self, isac: IsacConfig) -> dict:
+    def options(self, p: isac.IsacParams) -> dict:
+        """The criterion's own options (``criteria.make_criterion``'s keywords)."""
         return {"max_iter": self.max_iter}
-
-    def criterion(self, isac: IsacConfig):
-        from jisac import stability
-
-        return stability.make_criterion(self.name, isac.thld_err, float(isac.target_radius), **self._options(isac))
 
 
 @dataclass
@@ -186,16 +128,10 @@ class ReproducibilityConfig(StabilityConfig):
     min_fraction: float = 1.0  # fraction of the stab_ali runs that must put a member back in its class
     within_class: bool = True  # also require ISAC2's pixel error < isac.thld_err (as the 2012 program did)
 
-    def _options(self, isac: IsacConfig) -> dict:
-        from jisac.isac import IsacParams
-
+    def options(self, p: isac.IsacParams) -> dict:
         # the same polar search as the SAC rounds' multi-reference alignment
-        search = IsacParams(
-            target_radius=isac.target_radius, target_nx=isac.target_nx, xr=isac.xr,
-            yr=isac.xr if isac.yr < 0 else isac.yr, ts=isac.ts,
-        ).align_options()
-        return dict(super()._options(isac), min_fraction=self.min_fraction, within_class=self.within_class,
-                    options=search, lowpass=(isac.fh, isac.ff))
+        return dict(super().options(p), min_fraction=self.min_fraction, within_class=self.within_class,
+                    options=p.align, lowpass=(p.fh, p.ff))
 
 
 @dataclass
@@ -207,8 +143,8 @@ class ResolutionConfig(StabilityConfig):
     max_error: float = 3.0  # never accept a pixel error above this, px (the lower bound is isac.thld_err)
     frc_threshold: float = 0.5  # split-half FRC level that defines a class's resolution
 
-    def _options(self, isac: IsacConfig) -> dict:
-        return dict(super()._options(isac), fraction=self.fraction, max_error=self.max_error,
+    def options(self, p: isac.IsacParams) -> dict:
+        return dict(super().options(p), fraction=self.fraction, max_error=self.max_error,
                     frc_threshold=self.frc_threshold)
 
 
@@ -232,37 +168,100 @@ def register() -> None:
     store.store(group="stability", name="resolution", node=ResolutionConfig())
 
 
-def align_options(isac: IsacConfig, align: AlignConfig, n_references: int | None = None,
-                  memory_budget_mb: int | None = None) -> AlignOptions:
-    """Validated ``AlignOptions`` for the multi-reference search. Raises ``ValueError`` naming the parameter."""
-    geometry = RingGeometry(
-        first_ring=align.first_ring,
-        last_ring=isac.target_radius,
-        ring_step=align.ring_step,
-        n_angles=align.n_angles,
-        bandlimit=align.bandlimit,
-    )
+# ------------------------------------------------------------------------------------------ the conversion
+
+
+class RunParams(NamedTuple):
+    """The frozen parameters of a whole run, made once from the configuration by ``run_params``.
+
+    Attributes:
+        isac: ISAC's parameters, with the ``AlignOptions`` of every alignment of the run.
+        preprocess: the working-stack preparation (radius in input pixels, shrink, CTF).
+        budget: memory budgets and preferred chunk sizes (``hardware.plan`` sets each generation's sizes).
+        criterion: the stability criterion (``criteria.make_criterion``).
+        seed: ``isac.rand_seed``.
+        restart, skip_prealignment: ``isac.restart``, ``isac.skip_prealignment``.
+        drop_nonfinite, cache, cache_dir: the ``data.*`` keys of the same names.
+    """
+
+    isac: isac.IsacParams
+    preprocess: PreprocessParams
+    budget: Budget
+    criterion: Any
+    seed: int = 0
+    restart: bool = True
+    skip_prealignment: bool = False
+    drop_nonfinite: bool = False
+    cache: bool = True
+    cache_dir: Optional[str] = None
+
+
+def _require_positive(section: str, values: dict) -> None:
+    """Stops with one line naming ``section.name`` for the first value below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{section}.{name} must be >= 1 (got {value})")
+
+
+def isac_params(cfg: JisacConfig, n_particles: int | None = None) -> isac.IsacParams:
+    """The validated ``IsacParams`` of ``cfg`` (``isac.*`` and ``align``'s rings); ``ValueError`` names the
+    option. Part of ``run_params``; on its own for callers that have no stack yet."""
+    c, a = cfg.isac, cfg.align
+    if c.center_method != -1:
+        raise ValueError(f"isac.center_method={c.center_method}: only -1 (average shift) is implemented")
+    geometry = RingGeometry(a.first_ring, c.target_radius, a.ring_step, a.n_angles, a.bandlimit)
     try:
-        geometry.validate(box_size=isac.target_nx)
+        geometry.validate(box_size=c.target_nx)
     except ValueError as err:
         raise ValueError(f"isac.target_radius/align.*: {err}") from None
-    grid = SearchGrid(xr=isac.xr, yr=isac.xr if isac.yr < 0 else isac.yr, ts=isac.ts)
+    grid = SearchGrid(xr=c.xr, yr=c.xr if c.yr < 0 else c.yr, ts=c.ts)
     try:
         grid.validate()
     except ValueError as err:
         raise ValueError(f"isac.xr/yr/ts: {err}") from None
-    reach = geometry.last_ring + max(grid.xr, grid.yr) + 1
-    if reach > isac.target_nx // 2:
-        raise ValueError(
-            f"isac.target_radius ({isac.target_radius}) + isac.xr/yr ({max(grid.xr, grid.yr)}) does not fit in "
-            f"isac.target_nx ({isac.target_nx}): rings would leave the box; lower xr or target_radius"
-        )
-    sizes = align.chunk_sizes()
-    memory_budget_mb = HardwareConfig(memory_budget_mb=memory_budget_mb).device_budget_mb()
-    options = AlignOptions(
-        geometry=geometry, grid=grid, particle_batch=sizes["particle_batch"], reference_chunk=sizes["reference_chunk"]
+    minimum = c.minimum_grp_size if c.minimum_grp_size is not None else int(0.6 * c.img_per_grp)
+    p = isac.IsacParams(
+        img_per_grp=c.img_per_grp, minimum_grp_size=minimum, target_nx=c.target_nx, maxit=c.maxit, dst=c.dst,
+        fl=c.fl, fh=c.fh, ff=c.ff, init_iter=c.init_iter, iter_reali=c.iter_reali, stab_ali=c.stab_ali,
+        thld_err=c.thld_err, main_iter_limit=c.main_iter_limit,
+        align=AlignOptions(geometry=geometry, grid=grid),
     )
-    batch, chunk = chunk_sizes_for_budget(
-        n_references or sizes["reference_chunk"], options, memory_budget_bytes=memory_budget_mb << 20
+    p.validate(n_particles)
+    return p
+
+
+def budget(cfg: JisacConfig, platform: str | None = None) -> Budget:
+    """The ``hardware.Budget`` of ``cfg.hardware`` and ``cfg.align``'s preferred chunk sizes; a size left null
+    is the preset of ``platform`` (default: JAX's default backend). ``ValueError`` names a size below 1."""
+    sizes = {name: backend_preset(name, platform) if getattr(cfg.align, name) is None else getattr(cfg.align, name)
+             for name in ALIGN_CHUNK_SIZES}
+    _require_positive("align", sizes)
+    hw = cfg.hardware
+    mb = backend_preset("memory_budget_mb", platform) if hw.memory_budget_mb is None else hw.memory_budget_mb
+    _require_positive("hardware", {"memory_budget_mb": mb, "host_memory_budget_mb": hw.host_memory_budget_mb})
+    parse_device_ids(hw.devices)
+    return Budget(mb << 20, hw.host_memory_budget_mb << 20, **sizes)
+
+
+def run_params(cfg: JisacConfig, n_particles: int | None = None, box_size: int | None = None,
+               platform: str | None = None) -> RunParams:
+    """The one conversion: a composed configuration (and the input stack's particle count and box, when known)
+    -> the frozen ``RunParams`` of the run. Every option is checked here, before any heavy work; a bad one raises
+    ``ValueError`` naming it (``isac.radius`` is required once a box is given)."""
+    p = isac_params(cfg, n_particles)
+    radius = cfg.isac.radius
+    if box_size is not None:
+        if radius is None:
+            raise ValueError("isac.radius is required: the particle radius in pixels of the input stack")
+        if radius < 1 or radius > box_size // 2:
+            raise ValueError(f"isac.radius={radius} must be between 1 and half the box ({box_size // 2} px)")
+    prep = PreprocessParams(radius or p.target_radius, p.target_radius, p.target_nx, cfg.isac.ctf, cfg.isac.vpp)
+    if box_size is not None:
+        prep.validate(box_size)
+    s = cfg.stability
+    criterion = criteria.make_criterion(s.name, p.thld_err, float(p.target_radius), **s.options(p))
+    return RunParams(
+        isac=p, preprocess=prep, budget=budget(cfg, platform), criterion=criterion, seed=cfg.isac.rand_seed,
+        restart=cfg.isac.restart, skip_prealignment=cfg.isac.skip_prealignment,
+        drop_nonfinite=cfg.data.drop_nonfinite, cache=cfg.data.cache, cache_dir=cfg.data.cache_dir,
     )
-    return options._replace(particle_batch=batch, reference_chunk=chunk)

@@ -146,8 +146,13 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
         raise ValueError("demo.n_views and demo.n_particles must be >= 1")
     if demo.snr <= 0:
         raise ValueError(f"demo.snr must be > 0 (got {demo.snr})")
-    options = config.align_options(isac, cfg.align, n_references=demo.n_views,
-                                   memory_budget_mb=cfg.hardware.device_budget_mb())
+    budget = config.budget(cfg)
+    options = config.isac_params(cfg).align
+    batch, ref_chunk = align.chunk_sizes_for_budget(
+        demo.n_views, options._replace(particle_batch=budget.particle_batch, reference_chunk=budget.reference_chunk),
+        memory_budget_bytes=budget.device_bytes,
+    )
+    options = options._replace(particle_batch=batch, reference_chunk=ref_chunk)
     out = Path(cfg.output_dir)
     t0 = time.perf_counter()
     views, particles, truth, moves = make_demo_particles(isac, demo)
@@ -166,7 +171,7 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
 
     mesh = hardware.mesh_from_config(cfg.hardware)
     log.info("aligning on %d %s device(s)", mesh.size, jax.devices()[0].platform)
-    chunk = cfg.align.chunk_sizes()["particle_chunk"] * mesh.size
+    chunk = budget.particle_chunk * mesh.size
     result = align.align_to_references(particles, bank, options, particle_chunk=chunk, progress=progress, mesh=mesh)
     result = jax.block_until_ready(result)
     t_align = time.perf_counter() - t1

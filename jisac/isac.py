@@ -28,23 +28,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, average, filters, hardware, stability, within_group
+from jisac import align, average, criteria, filters, hardware, within_group
 from jisac.eqkmeans import assign_equal_size
+from jisac.polar import RingGeometry
 from jisac.transforms import Transform2D, apply_transform, compose, identity, make_transform, particle_centre
 
 log = logging.getLogger("jisac")
 
 
 class IsacParams(NamedTuple):
-    """Frozen ISAC parameters (SPHIRE names and defaults, ``isac_algorithm.md`` §1). Lengths in working pixels."""
+    """Frozen ISAC parameters (SPHIRE names and defaults, ``isac_algorithm.md`` §1). Lengths in working pixels.
+
+    Each setting is held once: the polar rings (``first_ring``, ``target_radius`` as the last ring,
+    ``ring_step``, ``n_angles``, the band limit) and the search grid (``xr``, ``yr``, ``ts``) live in ``align``,
+    the ``AlignOptions`` every alignment of the run uses; ``target_radius``, ``xr``, ``yr`` and ``ts`` read
+    them from there. Build one from SPHIRE's flat option names with ``make_params``.
+    """
 
     img_per_grp: int = 200
     minimum_grp_size: int = 60
-    target_radius: int = 29
     target_nx: int = 76
-    xr: float = 1.0
-    yr: float = 1.0
-    ts: float = 1.0
     maxit: int = 30
     dst: float = 90.0
     fl: float = 0.2
@@ -54,10 +57,26 @@ class IsacParams(NamedTuple):
     iter_reali: int = 1
     stab_ali: int = 5
     thld_err: float = 0.7
-    first_ring: int = 1
-    ring_step: int = 1
     filter_step: float = 0.05  # cutoff increment between MRA iterations (SPHIRE constant)
     main_iter_limit: int = -1  # stop after this many generations (-1: until the pool is exhausted)
+    align: align.AlignOptions = align.AlignOptions()  # rings 1..target_radius x 256, xr/yr/ts grid, mirror
+
+    @property
+    def target_radius(self) -> int:
+        """Particle radius after shrinking, working px: the outermost ring."""
+        return self.align.geometry.last_ring
+
+    @property
+    def xr(self) -> float:
+        return self.align.grid.xr
+
+    @property
+    def yr(self) -> float:
+        return self.align.grid.yr
+
+    @property
+    def ts(self) -> float:
+        return self.align.grid.ts
 
     @property
     def n_filter_steps(self) -> int:
@@ -68,6 +87,15 @@ class IsacParams(NamedTuple):
     def max_centre(self) -> float:
         """Largest allowed centre offset, ``cnx - ou - 2`` (SPHIRE's ``mashi``; 8 for 76/29)."""
         return float(self.target_nx // 2 + 1 - self.target_radius - 2)
+
+    def as_dict(self) -> dict:
+        """Every setting by SPHIRE's flat name (for ``summary.json`` and the run's fingerprint); the alignment's
+        chunk sizes are left out: they tune speed, never results."""
+        flat = {name: value for name, value in self._asdict().items() if name != "align"}
+        g, grid = self.align.geometry, self.align.grid
+        flat.update(target_radius=g.last_ring, first_ring=g.first_ring, ring_step=g.ring_step, n_angles=g.n_angles,
+                    bandlimit=g.bandlimit, xr=grid.xr, yr=grid.yr, ts=grid.ts)
+        return flat
 
     def validate(self, n_particles: int | None = None) -> None:
         """Raises ``ValueError`` naming the parameter, before any heavy work."""
@@ -99,13 +127,17 @@ class IsacParams(NamedTuple):
                 "lower img_per_grp"
             )
 
-    def align_options(self, n_references: int | None = None) -> align.AlignOptions:
-        from jisac.polar import RingGeometry
 
-        return align.AlignOptions(
-            geometry=RingGeometry(self.first_ring, self.target_radius, self.ring_step),
-            grid=align.SearchGrid(self.xr, self.yr, self.ts),
-        )
+def make_params(target_radius: int = 29, xr: float = 1.0, yr: float | None = None, ts: float = 1.0,
+                first_ring: int = 1, ring_step: int = 1, n_angles: int = 256, bandlimit: bool = True,
+                **settings) -> IsacParams:
+    """``IsacParams`` from SPHIRE's flat option names (``yr=None``: same as ``xr``); ``settings`` are the other
+    ``IsacParams`` fields (``img_per_grp=100``, ...)."""
+    options = align.AlignOptions(
+        geometry=RingGeometry(first_ring, target_radius, ring_step, n_angles, bandlimit),
+        grid=align.SearchGrid(xr, xr if yr is None else yr, ts),
+    )
+    return IsacParams(align=options, **settings)
 
 
 @dataclasses.dataclass
@@ -165,19 +197,19 @@ def run_generation(
     """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default; NumPy,
     a stack on disk (``jisac.diskarray.DiskArray``) or a lazy ``hardware.Rows`` view).
 
-    ``criterion``: a stability criterion (``stability.make_criterion``); default ISAC2's pixel error with
+    ``criterion``: a stability criterion (``criteria.make_criterion``); default ISAC2's pixel error with
     ``p.thld_err`` and the particle radius ``p.target_radius``. ``budget``: memory budgets that set the chunk
     sizes (``hardware.plan``; default: the backend's presets, ``hardware.default_budget``); results do not depend
     on it, nor on the mesh's device count.
     """
     if criterion is None:
-        criterion = stability.pixel_error_criterion(p.thld_err, float(p.target_radius))
+        criterion = criteria.pixel_error_criterion(p.thld_err, float(p.target_radius))
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
     n = images.shape[0]
     k = n // p.img_per_grp
     mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
-    options = p.align_options(k)
+    options = p.align
     platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
     n_dev = 1 if mesh is None else mesh.size
     plan = hardware.plan(budget or hardware.default_budget(platform), options, k, p.target_nx, n_dev)
@@ -243,7 +275,7 @@ def run_generation(
         index, member = _class_mask(labels, k)
         safe = np.maximum(index, 0)
         runs = jax.tree.map(lambda *a: jnp.stack(a)[:, safe].transpose(1, 0, 2), *run_params)  # (k, L, n_max)
-        res = criterion(runs, jnp.asarray(member), images=images, labels=index)
+        res = criterion.score(runs, jnp.asarray(member), images=images, labels=index)
         stable = np.asarray(res.stable) & member
         params = run_params[-1]  # unstable members keep the last run's parameters
         # Class averages of the stable members only (SPHIRE tops a class up to 5 members with random others at

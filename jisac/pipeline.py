@@ -41,7 +41,7 @@ class RunMismatchError(ValueError):
 
 def fingerprint(p: isac.IsacParams, seed: int, data_id: str) -> str:
     """Identity of a run: its parameters, seed and input (a restart must match it)."""
-    text = json.dumps({"params": p._asdict(), "seed": seed, "data": data_id}, sort_keys=True)
+    text = json.dumps({"params": p.as_dict(), "seed": seed, "data": data_id}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -101,7 +101,7 @@ def order_averages(averages: np.ndarray, p: isac.IsacParams) -> np.ndarray:
     k = len(averages)
     if k < 3:
         return np.arange(k)
-    options = p.align_options(k)
+    options = p.align
     bank = align.prepare_references(np.asarray(averages, np.float32), options)
     table = align.alignment_table(np.asarray(averages, np.float32), bank, options)
     sim = np.asarray(table.score, np.float64)
@@ -178,7 +178,7 @@ def write_final(out: Path, state: isac.IsacState, p: isac.IsacParams, timings: d
         "generations": state.history,
         "seconds": timings,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "parameters": p._asdict(),
+        "parameters": p.as_dict(),
     }
     if not write:  # another process than 0 of a multi-process run
         return summary
@@ -218,7 +218,7 @@ def classify(
     if main:
         out.mkdir(parents=True, exist_ok=True)
     p.validate(len(images))
-    run_id = fingerprint(p, seed, f"{data_id}|{getattr(criterion, 'name', 'pixel_error')}")
+    run_id = fingerprint(p, seed, f"{data_id}|{criterion.name if criterion is not None else 'pixel_error'}")
     ckpt = out / "checkpoint" / "state.npz"
     state = None
     if ckpt.exists():

@@ -16,6 +16,7 @@ checkpoints (``pipeline.classify``); then write the field's formats:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -70,51 +71,50 @@ def run(cfg: config.JisacConfig) -> dict:
     """Runs ISAC as configured; returns the summary (also in ``summary.json``)."""
     out = Path(cfg.output_dir)
     t0 = time.perf_counter()
-    budget = cfg.hardware.budget(cfg.align)
-    mesh = hardware.mesh_from_config(cfg.hardware)
-    memory = hardware.MemoryReport()
     if cfg.data.stack is None:
         from jisac.demo import demo_stack
 
+        config.isac_params(cfg)  # a bad option stops before the demo stack is made
         path, radius = demo_stack(cfg.demo)
         log.info("no data.stack given: using the built-in demo stack %s", path)
-    else:
-        path, radius = cfg.data.stack, cfg.isac.radius
-        if radius is None:
-            raise ValueError("isac.radius is required: the particle radius in pixels of the input stack")
+        if not cfg.isac.ctf:
+            log.info("the demo stack carries a CTF: phase flipping it (as isac.ctf=true)")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stack=str(path)),
+                                  isac=dataclasses.replace(cfg.isac, radius=radius, ctf=True))
+    elif cfg.isac.radius is None:
+        raise ValueError("isac.radius is required: the particle radius in pixels of the input stack")
+    path = cfg.data.stack
     stack = io.open_stack(path)
     n, box = len(stack), stack.box_size
     pixel_size = io.require_pixel_size(stack)
-    if radius < 1 or radius > box // 2:
-        raise ValueError(f"isac.radius={radius} must be between 1 and half the box ({box // 2} px) of {path}")
-    p = cfg.isac.params(n)  # every ISAC parameter checked before heavy work
-    cfg.stability.criterion(cfg.isac)  # an unknown criterion fails here too
-    use_ctf = cfg.isac.ctf
-    if cfg.data.stack is None and not use_ctf:
-        log.info("the demo stack carries a CTF: phase flipping it (as isac.ctf=true)")
-        use_ctf = True
-    prep = preprocess.PreprocessParams(radius, p.target_radius, p.target_nx, use_ctf, cfg.isac.vpp)
-    prep.validate(box)
-    ctf_params = _ctf_params(stack, use_ctf)
+    try:
+        rp = config.run_params(cfg, n, box)  # every option checked before heavy work
+    except ValueError as err:
+        raise ValueError(f"{err} (stack {path})") if "isac.radius=" in str(err) else err from None
+    mesh = hardware.mesh_from_config(cfg.hardware)
+    memory = hardware.MemoryReport()
+    p, prep, budget = rp.isac, rp.preprocess, rp.budget
+    ctf_params = _ctf_params(stack, prep.ctf)
     s = prep.shrink_ratio
-    log.info("%d particles, %d px box, %.3f A/px, radius %d px -> shrink ratio %.4f", n, box, pixel_size, radius, s)
+    log.info("%d particles, %d px box, %.3f A/px, radius %d px -> shrink ratio %.4f", n, box, pixel_size,
+             prep.radius, s)
     timings = {}
     # The preprocessing cache is for single-process runs (several processes would race on its entries).
-    digest = cache.data_digest() if cfg.data.cache and jax.process_count() == 1 else None
-    keep = _finite_particles(stack, cfg.data.drop_nonfinite, digest)
+    digest = cache.data_digest() if rp.cache and jax.process_count() == 1 else None
+    keep = _finite_particles(stack, rp.drop_nonfinite, digest)
     disk = hardware.working_stack_on_disk(n, p.target_nx, budget, out)
     if disk is not None:
         log.info("the working stack (%.0f MB) is above half of hardware.host_memory_budget_mb: kept on disk at %s",
                  n * p.target_nx**2 * 4 / 2**20, disk)
     log.info("%d device(s) (%s), hardware.memory_budget_mb=%d per device", mesh.size, mesh.devices.flat[0].platform,
              budget.device_bytes >> 20)
-    shifts, images, cache_record = _cached_preprocessing(cfg, stack, prep, p, ctf_params, keep, pixel_size, digest,
+    shifts, images, cache_record = _cached_preprocessing(rp, stack, ctf_params, keep, pixel_size, digest,
                                                          timings, mesh, disk, memory)
 
-    data_id = (_stack_id(str(path)), radius, use_ctf, cfg.isac.vpp, cfg.isac.skip_prealignment)
+    data_id = (_stack_id(str(path)), prep.radius, prep.ctf, prep.vpp, rp.skip_prealignment)
     summary = pipeline.classify(
-        images, p, out, seed=cfg.isac.rand_seed, data_id=repr(data_id), restart=cfg.isac.restart,
-        mesh=mesh, criterion=cfg.stability.criterion(cfg.isac), budget=budget,
+        images, p, out, seed=rp.seed, data_id=repr(data_id), restart=rp.restart,
+        mesh=mesh, criterion=rp.criterion, budget=budget,
     )
     memory.record("isac")
     if hardware.is_main_process():
@@ -142,14 +142,15 @@ def _kept(images, keep: np.ndarray):
     return hardware.take_rows(images, keep)
 
 
-def _preprocess(stack, prep: preprocess.PreprocessParams, p, ctf_params, keep: np.ndarray, pixel_size: float,
-                seed: int, skip_prealignment: bool, timings: dict, mesh, disk, memory) -> tuple[np.ndarray, np.ndarray]:
+def _preprocess(stack, rp: config.RunParams, ctf_params, keep: np.ndarray, pixel_size: float, timings: dict, mesh,
+                disk, memory) -> tuple[np.ndarray, np.ndarray]:
     """``(shifts (n, 2) float32 original px, working stack (len(keep), target_nx, target_nx) float32)``: the
     pre-alignment (§3.1) and the working stack (§3.2, on ``disk`` when given); stage times go
     into ``timings`` (seconds), memory into ``memory``."""
+    prep, p, seed = rp.preprocess, rp.isac, rp.seed
     n, box, s = len(stack), stack.box_size, prep.shrink_ratio
     # Pre-alignment: shrunk copies without cropping, centring shifts in original pixels.
-    if skip_prealignment:
+    if rp.skip_prealignment:
         shifts = np.zeros((n, 2), np.float32)
     else:
         t = time.perf_counter()
@@ -178,23 +179,22 @@ def _preprocess(stack, prep: preprocess.PreprocessParams, p, ctf_params, keep: n
     return shifts, images
 
 
-def _cached_preprocessing(cfg: config.JisacConfig, stack, prep: preprocess.PreprocessParams, p, ctf_params,
-                          keep: np.ndarray, pixel_size: float, digest, timings: dict, mesh, disk, memory):
+def _cached_preprocessing(rp: config.RunParams, stack, ctf_params, keep: np.ndarray, pixel_size: float, digest,
+                          timings: dict, mesh, disk, memory):
     """:func:`_preprocess` through the preprocessing cache (``jisac.cache``): ``(shifts, images, record)`` where
     ``record`` (for summary.json) says ``status`` ("hit", "miss" or "off"), and the entry's ``key`` and ``path``."""
-    args = (stack, prep, p, ctf_params, keep, pixel_size, cfg.isac.rand_seed, cfg.isac.skip_prealignment, timings,
-            mesh, disk, memory)
+    args = (stack, rp, ctf_params, keep, pixel_size, timings, mesh, disk, memory)
     if digest is None:
         shifts, images = _preprocess(*args)
         return shifts, images, {"status": "off"}
     settings = {
-        "n": len(stack), "box": stack.box_size, "pixel_size": float(pixel_size), **prep._asdict(),
-        "skip_prealignment": cfg.isac.skip_prealignment, "drop_nonfinite": cfg.data.drop_nonfinite,
+        "n": len(stack), "box": stack.box_size, "pixel_size": float(pixel_size), **rp.preprocess._asdict(),
+        "skip_prealignment": rp.skip_prealignment, "drop_nonfinite": rp.drop_nonfinite,
         # the pre-alignment's random start comes from rand_seed; without pre-alignment the seed plays no part
-        "prealignment_seed": None if cfg.isac.skip_prealignment else cfg.isac.rand_seed,
+        "prealignment_seed": None if rp.skip_prealignment else rp.seed,
     }
     key, info = cache.make_key(digest.hexdigest(), settings, ctf_params)
-    folder = cache.resolve_folder(cfg.data.cache_dir)
+    folder = cache.resolve_folder(rp.cache_dir)
     with cache.entry_lock(folder, key):  # parallel sweep jobs compute a shared entry once
         t = time.perf_counter()
         hit = cache.load(folder, key)

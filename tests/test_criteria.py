@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from jisac import config, filters, pipeline, stability, synthetic
+from jisac import config, criteria, filters, pipeline, stability, synthetic
 from jisac import transforms as T
 
 CONF_DIR = Path(config.__file__).resolve().parent.parent / "conf"
@@ -17,7 +17,7 @@ CONF_DIR = Path(config.__file__).resolve().parent.parent / "conf"
 BOX, RADIUS, THRESHOLD = 32, 12, 0.7
 N_RUNS = 5  # ISAC's stab_ali; with fewer runs a lenient threshold passes more chance agreements
 CLASS_SIZE, N_SLOTS = 20, 22  # three classes of 20 members, padded to 22 slots
-NAMES = sorted(stability.CRITERIA)
+NAMES = sorted(criteria.CRITERIA)
 
 
 def _views():
@@ -94,8 +94,8 @@ def data():
 
 
 def _apply(name, runs, data, images, **options):
-    crit = stability.make_criterion(name, THRESHOLD, float(RADIUS), **options)
-    return crit(runs, jnp.asarray(data.member), images=images, labels=data.labels)
+    crit = criteria.make_criterion(name, THRESHOLD, float(RADIUS), **options)
+    return crit.score(runs, jnp.asarray(data.member), images=images, labels=data.labels)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -127,7 +127,7 @@ def test_reproducibility_rejects_consistently_aligned_members_of_another_view(da
 
     pixel = np.asarray(_apply("pixel_error", runs, data, images).stable)
     assert pixel[data.member].all()
-    count = stability.membership_reproducibility(
+    count = criteria.membership_reproducibility(
         runs, data.member, images, data.labels, _options(), RADIUS
     )
     assert (count[data.member & ~is_intruder] == N_RUNS).all()
@@ -150,7 +150,7 @@ def test_min_fraction_counts_runs(data, monkeypatch):
     runs = data.consistent()
     count = np.where(data.member, N_RUNS, 0)
     count[0, :5] = N_RUNS - 1
-    monkeypatch.setattr(stability, "membership_reproducibility", lambda *a, **k: count)
+    monkeypatch.setattr(criteria, "membership_reproducibility", lambda *a, **k: count)
     for min_fraction, want in ((1.0, False), ((N_RUNS - 1) / N_RUNS + 0.01, False), ((N_RUNS - 1) / N_RUNS, True)):
         stable = np.asarray(_apply("reproducibility", runs, data, data.stack(1.0), min_fraction=min_fraction).stable)
         assert (stable[0, :5] == want).all() and stable[0, 5:CLASS_SIZE].all(), min_fraction
@@ -163,11 +163,11 @@ def test_match_two_way_recovers_a_relabelling():
     perm = np.array([2, 0, 3, 1])
     other = perm[reference]
     other[[0, 11]] = other[[20, 35]]  # two particles moved
-    match, overlap = stability.match_two_way(reference, other, 4)
+    match, overlap = criteria.match_two_way(reference, other, 4)
     np.testing.assert_array_equal(match[perm], np.arange(4))
     assert overlap.sum() == 38
     shuffled = rng.permutation(40)
-    match2, _ = stability.match_two_way(reference[shuffled], other[shuffled], 4)
+    match2, _ = criteria.match_two_way(reference[shuffled], other[shuffled], 4)
     np.testing.assert_array_equal(match2, match)
 
 
@@ -209,8 +209,8 @@ def test_fourier_ring_correlation_and_resolution():
 
 def test_split_half_resolution_drops_with_noise(data):
     params = jax.tree.map(lambda a: a[:, -1], data.consistent())
-    clean, _ = stability.split_half_resolution(params, data.member, data.stack(1.0), data.labels, RADIUS)
-    noisy, _ = stability.split_half_resolution(params, data.member, data.stack(0.02), data.labels, RADIUS)
+    clean, _ = criteria.split_half_resolution(params, data.member, data.stack(1.0), data.labels, RADIUS)
+    noisy, _ = criteria.split_half_resolution(params, data.member, data.stack(0.02), data.labels, RADIUS)
     assert (np.asarray(noisy) < np.asarray(clean)).all()
     assert (np.asarray(noisy) >= 1 / BOX).all() and (np.asarray(clean) <= 0.5).all()
 
@@ -228,10 +228,10 @@ def test_bad_options_fail_with_one_line_naming_them(data):
     for kwargs, message in cases:
         name, threshold = kwargs.pop("name"), kwargs.pop("threshold", THRESHOLD)
         with pytest.raises(ValueError, match=message):
-            stability.make_criterion(name, threshold, float(RADIUS), **kwargs)
+            criteria.make_criterion(name, threshold, float(RADIUS), **kwargs)
     for name in ("reproducibility", "resolution"):
         with pytest.raises(ValueError, match=f"stability={name} needs the working stack"):
-            stability.make_criterion(name, THRESHOLD, float(RADIUS))(data.consistent(), jnp.asarray(data.member))
+            criteria.make_criterion(name, THRESHOLD, float(RADIUS)).score(data.consistent(), jnp.asarray(data.member))
 
 
 def _compose(overrides):
@@ -247,18 +247,16 @@ def test_config_group_selects_each_criterion_with_typed_options():
     assert OmegaConf.to_yaml(cfg.stability).splitlines() == [
         "name: reproducibility", "max_iter: 50", "min_fraction: 0.5", "within_class: true"]
     typed = OmegaConf.to_object(cfg)
-    assert typed.stability.criterion(typed.isac).name == "reproducibility[min_fraction=0.5,within_class=True]"
+    assert config.run_params(typed).criterion.name == "reproducibility[min_fraction=0.5,within_class=True]"
     cfg = _compose(["stability=resolution", "stability.fraction=0.4"])
     assert set(cfg.stability) == {"name", "max_iter", "fraction", "max_error", "frc_threshold"}
     typed = OmegaConf.to_object(cfg)
-    assert typed.stability.criterion(typed.isac).name.startswith("resolution[fraction=0.4,")
-    assert OmegaConf.to_object(_compose([])).stability.criterion(typed.isac).name == "pixel_error"
+    assert config.run_params(typed).criterion.name.startswith("resolution[fraction=0.4,")
+    assert config.run_params(OmegaConf.to_object(_compose([]))).criterion.name == "pixel_error"
     with pytest.raises(Exception, match="min_fraction"):
         _compose(["stability.min_fraction=0.5"])  # another criterion's option is refused
     with pytest.raises(ValueError, match="stability.min_fraction"):
-        OmegaConf.to_object(
-            _compose(["stability=reproducibility", "stability.min_fraction=2"])
-        ).stability.criterion(typed.isac)
+        config.run_params(OmegaConf.to_object(_compose(["stability=reproducibility", "stability.min_fraction=2"])))
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -296,8 +294,8 @@ def pipeline_runs(small_stack, tmp_path_factory):
                         "isac.stab_ali=3", "isac.main_iter_limit=1"])
         typed = OmegaConf.to_object(cfg)
         folder = tmp_path_factory.mktemp(name)
-        summary = pipeline.classify(images, typed.isac.params(PIPE_N), folder, seed=3, data_id="criteria",
-                                    criterion=typed.stability.criterion(typed.isac))
+        rp = config.run_params(typed, PIPE_N)
+        summary = pipeline.classify(images, rp.isac, folder, seed=3, data_id="criteria", criterion=rp.criterion)
         classes = np.loadtxt(folder / "particle_classes.txt")
         out[name] = summary, classes[:, 0].astype(int), classes[:, 1]
     return out

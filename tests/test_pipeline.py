@@ -7,11 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from jisac import filters, isac, pipeline, synthetic
+from jisac import criteria, filters, isac, pipeline, synthetic
 from jisac import transforms as T
 
 BOX, RADIUS, N_VIEWS, N = 48, 18, 4, 240
-PARAMS = isac.IsacParams(
+PARAMS = isac.make_params(
     img_per_grp=30, minimum_grp_size=20, target_radius=RADIUS, target_nx=BOX, maxit=10, init_iter=2, stab_ali=3
 )
 
@@ -140,7 +140,7 @@ def test_stability_criterion_is_pluggable(stack, tmp_path):
     summary = pipeline.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test", criterion=everyone_is_stable)
     assert summary["accounted_fraction"] == 1.0
     with pytest.raises(ValueError, match="not a known criterion"):
-        stability.make_criterion("nope", 0.7, 29.0)
+        criteria.make_criterion("nope", 0.7, 29.0)
 
 
 def test_a_run_that_accepts_nothing_still_writes_its_outputs(tmp_path):

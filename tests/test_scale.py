@@ -46,24 +46,25 @@ def test_devices_from_config_and_bad_ids():
     assert not hardware.initialize_distributed("auto", environ={})  # no cluster: a single process
     assert hardware.cluster_detected({"SLURM_NTASKS": "4"}) and not hardware.cluster_detected({"SLURM_NTASKS": "1"})
     with pytest.raises(ValueError, match="hardware.memory_budget_mb"):
-        config.HardwareConfig(memory_budget_mb=0).budget(config.AlignConfig())
+        config.budget(config.JisacConfig(hardware=config.HardwareConfig(memory_budget_mb=0)))
 
 
 def test_chunk_sizes_and_budget_follow_the_backend_unless_set():
-    cpu = config.AlignConfig().chunk_sizes("cpu")
-    gpu = config.AlignConfig().chunk_sizes("gpu")
-    assert cpu == {"particle_batch": 4, "reference_chunk": 50, "particle_chunk": 256}
-    assert all(gpu[name] > cpu[name] for name in cpu)  # an accelerator wants larger steps
-    assert config.AlignConfig(reference_chunk=7).chunk_sizes("gpu")["reference_chunk"] == 7
-    assert config.HardwareConfig().device_budget_mb("cpu") == 1024
-    assert config.HardwareConfig().device_budget_mb("cuda") == hardware.BACKEND_PRESETS["gpu"]["memory_budget_mb"]
-    assert config.HardwareConfig(memory_budget_mb=300).budget(config.AlignConfig()).device_bytes == 300 << 20
-    gpu_budget = hardware.default_budget("gpu")  # what library calls without a budget use
-    assert (gpu_budget.particle_batch, gpu_budget.reference_chunk, gpu_budget.particle_chunk) == tuple(gpu.values())
-    assert gpu_budget.device_bytes == hardware.BACKEND_PRESETS["gpu"]["memory_budget_mb"] << 20
-    assert hardware.default_budget() == config.HardwareConfig().budget(config.AlignConfig())  # the same defaults
+    def cfg(align=None, hardware_cfg=None):
+        return config.JisacConfig(align=align or config.AlignConfig(), hardware=hardware_cfg or config.HardwareConfig())
+
+    cpu, gpu = config.budget(cfg(), "cpu"), config.budget(cfg(), "gpu")
+    for name in config.ALIGN_CHUNK_SIZES + ("memory_budget_mb",):
+        key = "device_bytes" if name == "memory_budget_mb" else name
+        scale = 1 << 20 if name == "memory_budget_mb" else 1
+        assert getattr(cpu, key) == hardware.BACKEND_PRESETS["cpu"][name] * scale
+        assert getattr(gpu, key) == hardware.BACKEND_PRESETS["gpu"][name] * scale
+    assert config.budget(cfg(config.AlignConfig(reference_chunk=7)), "gpu").reference_chunk == 7
+    assert config.budget(cfg(hardware_cfg=config.HardwareConfig(memory_budget_mb=300))).device_bytes == 300 << 20
+    assert hardware.default_budget("gpu") == gpu._replace(host_bytes=hardware.default_budget("gpu").host_bytes)
+    assert hardware.default_budget() == config.budget(cfg())  # library calls without a budget: the same defaults
     with pytest.raises(ValueError, match=r"^align.particle_chunk must be >= 1 \(got 0\)"):
-        config.AlignConfig(particle_chunk=0).chunk_sizes()
+        config.budget(cfg(config.AlignConfig(particle_chunk=0)))
 
 
 def test_one_budget_sets_every_chunk_size():

@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jisac import filters, isac, pipeline, stability, synthetic
+from jisac import criteria, filters, isac, pipeline, synthetic
 from jisac import transforms as T
 
 HERE = Path(__file__).resolve().parent
@@ -68,7 +68,7 @@ def view_purity(classes: np.ndarray, truth: np.ndarray, directions: np.ndarray) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--criteria", nargs="+", default=sorted(stability.CRITERIA))
+    ap.add_argument("--criteria", nargs="+", default=sorted(criteria.CRITERIA))
     ap.add_argument("--snrs", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.2])
     ap.add_argument("--n-particles", type=int, default=480)
     ap.add_argument("--n-views", type=int, default=8)
@@ -89,7 +89,7 @@ def main() -> None:
         plot(rows, args.out / "criteria.png")
         return
 
-    p = isac.IsacParams(
+    p = isac.make_params(
         img_per_grp=args.img_per_grp, minimum_grp_size=int(0.6 * args.img_per_grp), target_radius=args.radius,
         target_nx=args.box, maxit=args.maxit, init_iter=args.init_iter, stab_ali=args.stab_ali,
         main_iter_limit=args.generations,
@@ -98,7 +98,7 @@ def main() -> None:
     for snr in args.snrs:
         images, truth, directions = make_stack(args.n_particles, args.n_views, snr, args.box, args.radius, args.seed)
         for name in args.criteria:
-            criterion = stability.make_criterion(name, p.thld_err, float(p.target_radius))
+            criterion = criteria.make_criterion(name, p.thld_err, float(p.target_radius))
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
                 summary = pipeline.classify(images, p, tmp, seed=args.seed, criterion=criterion)

@@ -1,0 +1,333 @@
+"""Algorithm layer: stability criteria, the choice of which class members count as stable.
+
+A criterion is a value, ``Criterion(name, score)``: ``score(runs, member, images=None, labels=None)`` takes the
+L parameter sets of every class (``Transform2D`` with fields ``(c, L, n)``, padded), the member mask ``(c, n)``
+and, for criteria that need them, the working stack and the members' indices into it (``(c, n)``, -1 padding);
+it returns a ``stability.StabilityResult`` with fields ``(c, n)`` (``stable``, a per-member ``error`` score where
+lower is better, averaged ``params``). ``name`` names the criterion and its options (it is part of a run's
+fingerprint, so a restart with other options is refused). ``make_criterion`` builds one from the ``stability``
+config group; ``score`` is a ``functools.partial`` of a module-level function, so its options can be read back.
+
+Every criterion reports ISAC2's pixel error as ``error`` and the pixel-error test's averaged parameters as
+``params``, so a run's outputs (``jisacPixelError``, parameters) mean the same whichever criterion chose the
+stable members.
+
+Criteria (``stability=<name>``; ``CRITERIA``, ``make_criterion``). All three see the same ``L`` within-group
+alignments of every class; they differ in what "stable" means:
+
+- ``pixel_error`` (default, ISAC2): the test above, ``e_i < thld_err``.
+- ``reproducibility`` (ISAC 2012, ``isac_algorithm.md`` §11): class *membership* must be reproducible. The 2012
+  program ran ``indep_run`` whole SAC runs from different initial references and kept the members found
+  together in two-way-matched classes of every run. jisac has one run, so the ``L`` within-group alignments
+  stand in for the independent runs: from each run ``j`` the classes are averaged with run ``j``'s parameters,
+  the round's particles are re-assigned to those averages (multi-reference alignment + equal-size assignment,
+  one EQ-K-means step), the new partition is matched one-to-one with the round's classes (maximum total overlap,
+  SPHIRE's ``match_2_way`` for two partitions), and a member is stable if it lands back in its own (matched)
+  class in at least ``min_fraction`` of the runs -- and, with ``within_class`` (default, as in 2012 where each
+  run's classes had passed the pixel-error test), also passes the pixel-error test. Departures from 2012: the
+  runs share the round's EQ-K-means partition and differ only by their within-group alignments (not by initial
+  references and whole SAC histories), the matching is against the round's partition rather than between runs,
+  it is exact (an assignment problem) rather than branch-and-bound with a size threshold (``thld_grp`` is played
+  by ``minimum_grp_size``), and there are no separate candidate/validation phases. It catches members that align
+  consistently but belong to another view, which the pixel error cannot see; it costs ``L`` extra
+  multi-reference alignments per round.
+- ``resolution`` (new): the pixel error measured in units of the class's own resolution. A fixed 0.7 px is
+  demanding for a class whose average only holds information to 0.1 cycles/px (a 10 px resolution element) and
+  is what makes ISAC2 account few particles at low SNR; a misalignment spread ``e`` only blurs what the class
+  can resolve when ``e`` is a sizeable fraction of ``1 / f_c``. So the threshold of class ``c`` is
+  ``clip(fraction / f_c, thld_err, max_error)`` with ``f_c`` the split-half FRC resolution of the class
+  (``frc_threshold``, default 0.5): never stricter than ISAC2, never more lenient than ``max_error`` px. A
+  Gaussian spread of ``e`` px damps the signal at ``f_c`` by ``exp(-(pi e f_c)^2)``: ``fraction`` 0.3 keeps
+  40 % of it, and equals ISAC2's 0.7 px at 0.43 cycles/px.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from jisac import align, average, filters
+from jisac.eqkmeans import assign_equal_size
+from jisac.filters import fourier_ring_correlation, frc_resolution
+from jisac.polar import RingGeometry
+from jisac.stability import StabilityResult, pixel_error_stability_classes
+from jisac.transforms import Transform2D
+
+Array = jnp.ndarray
+
+
+class Criterion(NamedTuple):
+    """A stability criterion: its ``name`` (with options) and its ``score`` function (module docstring)."""
+
+    name: str
+    score: Callable[..., StabilityResult]
+
+
+def _option_name(name: str, **options) -> str:
+    return name + "[" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()) + "]"
+
+
+def _need_images(name: str, images, labels) -> None:
+    if images is None or labels is None:
+        raise ValueError(f"stability={name} needs the working stack and the members' indices (images=, labels=)")
+
+
+def pixel_error_score(runs: Transform2D, member: Array, images=None, labels=None, *, threshold: float,
+                      radius: float, max_iter: int = 50) -> StabilityResult:
+    """ISAC2's criterion (the default): a member is stable if its pixel error is below ``threshold``."""
+    return pixel_error_stability_classes(runs, member, threshold, radius, max_iter)
+
+
+def pixel_error_criterion(threshold: float, radius: float, max_iter: int = 50) -> Criterion:
+    return Criterion("pixel_error", functools.partial(pixel_error_score, threshold=threshold, radius=radius,
+                                                      max_iter=max_iter))
+
+
+# ------------------------------------------------------------------ ISAC (2012): reproducible class membership
+
+
+def match_two_way(reference: np.ndarray, other: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one matching of the classes of two partitions of the same particles, maximising the total size of
+    the matched intersections (the two-partition case of SPHIRE's ``match_2_way``, solved exactly as an
+    assignment problem).
+
+    Args:
+        reference, other: ``(m,)`` int labels in ``[0, n_classes)`` of the same ``m`` particles.
+        n_classes: number of classes of both partitions.
+
+    Returns:
+        ``(match, overlap)``, both ``(n_classes,)`` and indexed by the classes of ``other``: the matched class of
+        ``reference`` and the size of the matched intersection.
+    """
+    reference, other = np.asarray(reference, np.int64), np.asarray(other, np.int64)
+    table = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(table, (other, reference), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    match = np.empty(n_classes, np.int64)
+    match[rows] = cols
+    return match, table[rows, cols]
+
+
+def _members_flat(member, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The real members as flat arrays: class, slot and index into the stack, each ``(m,)``."""
+    cls, slot = np.nonzero(np.asarray(member))
+    index = np.asarray(labels)[cls, slot]
+    if (index < 0).any():
+        raise ValueError("labels: a member (member=True) has index -1")
+    return cls, slot, index
+
+
+def reassign_with_run_averages(
+    runs: Transform2D, member, images, labels, options, mask_radius: float, lowpass: tuple[float, float] | None
+) -> np.ndarray:
+    """The round's members re-assigned to each run's class averages.
+
+    For every run ``j``: each class is averaged with run ``j``'s parameters of its members (low-passed with
+    ``lowpass = (cutoff, falloff)`` if given, ISAC's final filter), every member is aligned to all the averages
+    (multi-reference alignment about its run-``j`` centre, ``align.alignment_scores``) and the members are split
+    into classes of equal size (``eqkmeans.assign_equal_size``), as one EQ-K-means step of ISAC.
+
+    Args:
+        runs: fields ``(c, L, n)``; member: ``(c, n)`` bool; images: ``(N, ny, nx)``; labels: ``(c, n)`` indices
+            into ``images`` (-1 padding); options: ``align.AlignOptions`` of the search; mask_radius: the
+            particle radius in pixels (references are mean-subtracted inside it).
+
+    Returns:
+        ``(L, m)`` int new class of each of the ``m`` members, in the order of ``np.nonzero(member)``.
+    """
+    n_classes, n_runs = runs.angle.shape[:2]
+    cls, slot, index = _members_flat(member, labels)
+    imgs = np.asarray(images[index], np.float32)  # only the members' rows (images may be a stack on disk)
+    mask = filters.circular_mask(imgs.shape[1], imgs.shape[2], mask_radius)
+    out = []
+    for j in range(n_runs):
+        p_j = Transform2D(*(np.asarray(f)[:, j][cls, slot] for f in runs))
+        averages = average.class_averages(imgs, p_j, cls, n_classes)
+        if lowpass is not None:
+            averages = filters.tanh_lowpass(averages, *lowpass)
+        bank = align.prepare_references(filters.subtract_masked_mean(averages, mask), options)
+        scores = align.alignment_scores(imgs, bank, options, params=p_j, n_references=n_classes)
+        out.append(np.asarray(assign_equal_size(scores)))
+    return np.stack(out)
+
+
+def membership_reproducibility(
+    runs: Transform2D, member, images, labels, options, mask_radius: float, lowpass: tuple[float, float] | None = None
+) -> np.ndarray:
+    """``(c, n)`` int: in how many of the ``L`` runs each member is re-assigned to the class matched with its own
+    (``reassign_with_run_averages``, then ``match_two_way`` of each run's partition with the round's classes);
+    0 for padding."""
+    n_classes = runs.angle.shape[0]
+    cls, slot, _ = _members_flat(member, labels)
+    new = reassign_with_run_averages(runs, member, images, labels, options, mask_radius, lowpass)
+    count = np.zeros(np.shape(member), np.int64)
+    for labels_j in new:
+        match, _ = match_two_way(cls, labels_j, n_classes)
+        count[cls, slot] += match[labels_j] == cls
+    return count
+
+
+def reproducibility_score(runs: Transform2D, member: Array, images=None, labels=None, *, threshold: float,
+                          radius: float, min_fraction: float, within_class: bool, max_iter: int, options,
+                          lowpass) -> StabilityResult:
+    """``reproducibility_criterion``'s test (its arguments are documented there)."""
+    _need_images("reproducibility", images, labels)
+    base = pixel_error_stability_classes(runs, member, threshold, radius, max_iter)
+    n_runs = runs.angle.shape[1]
+    count = membership_reproducibility(runs, member, images, labels, options, radius, lowpass)
+    reproducible = count >= math.ceil(min_fraction * n_runs - 1e-6)
+    stable = np.asarray(member) & reproducible
+    if within_class:
+        stable &= np.asarray(base.stable)
+    # members outside the mirror-stable set have no averaged parameters: they keep the last run's
+    finite = jnp.isfinite(base.error)
+    last = Transform2D(*(f[:, -1] for f in runs))
+    params = Transform2D(*(jnp.where(finite, a, b) for a, b in zip(base.params, last)))
+    return base._replace(stable=jnp.asarray(stable), params=params)
+
+
+
+def reproducibility_criterion(
+    threshold: float,
+    radius: float,
+    min_fraction: float = 1.0,
+    within_class: bool = True,
+    max_iter: int = 50,
+    options=None,
+    lowpass: tuple[float, float] | None = (0.45, 0.2),
+):
+    """ISAC (2012)'s criterion adapted to one SAC round: membership reproducible across the ``L`` runs.
+
+    A member is stable if, in at least ``ceil(min_fraction L)`` of the runs, re-assigning the round's particles
+    to that run's class averages puts it back in the class matched with its own (``membership_reproducibility``)
+    and, with ``within_class`` (the 2012 program tested both), it also passes ISAC2's pixel-error test at
+    ``threshold``.
+
+    Args:
+        threshold: pixel-error threshold (``isac.thld_err``), pixels.
+        radius: particle radius (``isac.target_radius``), pixels.
+        min_fraction: fraction of the runs in ``(0, 1]`` (1: every run, the 2012 intersection).
+        within_class: also require the pixel-error test.
+        max_iter: L-BFGS iterations of the pixel-error test.
+        options: ``align.AlignOptions`` of the re-assignment (default: rings 1..radius, 3x3 shifts, mirror).
+        lowpass: ``(cutoff, falloff)`` of the tanh filter on the run averages (ISAC's ``fh``, ``ff``), or None.
+    """
+    if not 0.0 < min_fraction <= 1.0:
+        raise ValueError(f"stability.min_fraction must be in (0, 1] (got {min_fraction})")
+    if options is None:
+        options = align.AlignOptions(geometry=RingGeometry(1, int(radius), 1))
+
+    score = functools.partial(reproducibility_score, threshold=threshold, radius=radius, min_fraction=min_fraction,
+                              within_class=within_class, max_iter=max_iter, options=options, lowpass=lowpass)
+    return Criterion(_option_name("reproducibility", min_fraction=min_fraction, within_class=within_class), score)
+
+
+# ------------------------------------------------------------------ new: pixel error relative to the resolution
+
+
+def split_half_resolution(params: Transform2D, member, images, labels, radius: float, frc_threshold: float = 0.5):
+    """Resolution of every class (cycles/px) from the FRC of the averages of its two half-sets.
+
+    Members alternate between the halves in slot order; each half is averaged with ``params`` (fields ``(c, n)``,
+    one alignment of every member), masked softly at ``radius``, and the FRC's first crossing of
+    ``frc_threshold`` is the class's resolution (``frc_resolution``).
+
+    Returns:
+        ``(resolution, frc)``: ``(c,)`` cycles/px and the ``(c, nx // 2 + 1)`` curves.
+    """
+    n_classes = np.shape(member)[0]
+    cls, slot, index = _members_flat(member, labels)
+    rank = (np.cumsum(np.asarray(member), 1) - 1)[cls, slot]
+    imgs = np.asarray(images[index], np.float32)  # only the members' rows (images may be a stack on disk)
+    p = Transform2D(*(np.asarray(f)[cls, slot] for f in params))
+    halves = average.class_averages(imgs, p, 2 * cls + rank % 2, 2 * n_classes)
+    ny, nx = imgs.shape[1:]
+    halves = filters.subtract_masked_mean(halves, filters.circular_mask(ny, nx, radius))
+    halves = halves * filters.soft_circular_mask(ny, nx, radius)
+    halves = halves.reshape(n_classes, 2, ny, nx)
+    frc = fourier_ring_correlation(halves[:, 0], halves[:, 1])
+    return frc_resolution(frc, frc_threshold, nx), frc
+
+
+def resolution_score(runs: Transform2D, member: Array, images=None, labels=None, *, threshold: float,
+                     radius: float, fraction: float, max_error: float, frc_threshold: float,
+                     max_iter: int) -> StabilityResult:
+    """``resolution_criterion``'s test (its arguments are documented there)."""
+    _need_images("resolution", images, labels)
+    base = pixel_error_stability_classes(runs, member, threshold, radius, max_iter)
+    last = Transform2D(*(f[:, -1] for f in runs))
+    resolution, _ = split_half_resolution(last, member, images, labels, radius, frc_threshold)
+    allowed = jnp.clip(fraction / resolution, threshold, max_error)  # (c,)
+    finite = jnp.isfinite(base.error)  # the mirror-stable members
+    enough = finite.sum(1, keepdims=True) > 1
+    stable = jnp.asarray(member) & finite & enough & (base.error < allowed[:, None])
+    return base._replace(stable=stable)
+
+
+
+def resolution_criterion(
+    threshold: float,
+    radius: float,
+    fraction: float = 0.3,
+    max_error: float = 3.0,
+    frc_threshold: float = 0.5,
+    max_iter: int = 50,
+):
+    """Pixel error measured against the class's own resolution (new in jisac).
+
+    ISAC2's pixel error ``e_i`` is compared with a per-class threshold instead of a fixed 0.7 px::
+
+        stable  <=>  e_i < clip(fraction / f_c, threshold, max_error)
+
+    where ``f_c`` (cycles/px) is the class's split-half FRC resolution (``split_half_resolution`` at
+    ``frc_threshold``, last run's parameters). ``fraction`` is the largest allowed spread as a fraction of the
+    class's resolution length ``1 / f_c``; the test is never stricter than ISAC2's (``threshold``) and never
+    accepts a spread above ``max_error`` px.
+
+    Args:
+        threshold: ISAC2's pixel-error threshold (``isac.thld_err``), the lower bound, pixels.
+        radius: particle radius (``isac.target_radius``), pixels.
+        fraction: allowed pixel error in units of the resolution length (> 0; 0.3 gives ISAC2's 0.7 px at
+            0.43 cycles/px).
+        max_error: upper bound of the allowed pixel error, pixels (>= threshold).
+        frc_threshold: FRC level that defines the resolution, in (0, 1).
+        max_iter: L-BFGS iterations of the pixel-error test.
+    """
+    if not fraction > 0:
+        raise ValueError(f"stability.fraction must be > 0 (got {fraction})")
+    if not max_error >= threshold:
+        raise ValueError(f"stability.max_error ({max_error}) must be >= isac.thld_err ({threshold})")
+    if not 0.0 < frc_threshold < 1.0:
+        raise ValueError(f"stability.frc_threshold must be in (0, 1) (got {frc_threshold})")
+
+    score = functools.partial(resolution_score, threshold=threshold, radius=radius, fraction=fraction,
+                              max_error=max_error, frc_threshold=frc_threshold, max_iter=max_iter)
+    return Criterion(_option_name("resolution", fraction=fraction, max_error=max_error, frc_threshold=frc_threshold),
+                     score)
+
+
+CRITERIA = {
+    "pixel_error": pixel_error_criterion,
+    "reproducibility": reproducibility_criterion,
+    "resolution": resolution_criterion,
+}
+
+
+def make_criterion(name: str, threshold: float, radius: float, **options) -> Criterion:
+    """The criterion called ``name`` (``stability=<name>`` on the command line) with its options.
+
+    Raises ``ValueError`` naming the parameter for an unknown criterion, a threshold or radius that is not
+    positive, or an invalid option value.
+    """
+    if name not in CRITERIA:
+        raise ValueError(f"stability={name!r} is not a known criterion; choose one of {sorted(CRITERIA)}")
+    if not threshold > 0:
+        raise ValueError(f"isac.thld_err (the stability threshold) must be > 0 (got {threshold})")
+    if not radius > 0:
+        raise ValueError(f"isac.target_radius (the particle radius) must be > 0 (got {radius})")
+    return CRITERIA[name](threshold, radius, **options)
