@@ -208,3 +208,12 @@ def test_cs_not_a_dataset(tmp_path):
     message = _raises(StackError, lambda: open_stack(tmp_path / "junk.cs"), tmp_path / "junk.cs",
                       "not a readable cryoSPARC .cs file")
     assert "pickle" not in message
+
+
+def test_readers_called_directly_also_say_folder(tmp_path):
+    from jisac.io import hdf, star
+
+    for name, reader in [("a.star", star.read_star_table), ("a.hdf", hdf.read_hdf_table),
+                         ("a.mrcs", mrc.read_mrc_table), ("a.cs", read_cs_table)]:
+        (tmp_path / name).mkdir()
+        _raises(StackError, lambda: reader(tmp_path / name), "is a folder")

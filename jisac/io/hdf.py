@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 
 from jisac.io.atomic import atomic_path
-from jisac.io.errors import StackError, StackFileNotFoundError
+from jisac.io.errors import StackError, require_file
 from jisac.io.table import ParticleTable, image_names
 
 _IMAGES = "MDF/images"
@@ -151,8 +151,7 @@ def _image_count(images: h5py.Group, path: Path) -> int:
 
 
 def _open_h5(path: Path) -> h5py.File:
-    if not path.is_file():
-        raise StackFileNotFoundError(f"{path}: no such HDF file")
+    require_file(path, "HDF stack")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
