@@ -1,5 +1,7 @@
 """cryoSPARC .cs files made with np.save of a structured array."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,55 @@ def test_cs_project_dir(cs_project, tmp_path_factory):
     assert str(moved) in str(e.value) and "row 1" in str(e.value) and "J3/extract/m1.mrc" in str(e.value)
     with open_stack(moved, project_dir=root) as stack:
         np.testing.assert_array_equal(stack[0], stacks[1][2])
+
+
+# --------------------------------------------------------------------------------------------------- fixtures made
+# by cryosparc-tools itself (tests/fixtures/make_cs_fixtures.py): a 391-field NumPy-format file and a CSDAT file
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "cs_project"
+
+
+@pytest.mark.parametrize("name", ["particles_numpy.cs", "particles_csdat.cs"])
+def test_cs_fixtures_written_by_cryosparc_tools(name):
+    import mrcfile
+
+    path = FIXTURES / "J9" / name
+    with mrcfile.open(FIXTURES / "J2" / "extract" / "particles.mrc", permissive=True) as m:
+        images = np.asarray(m.data, np.float32)
+    with open_stack(path) as stack:
+        assert len(stack) == 4 and stack.box_size == 16 and stack.pixel_size == pytest.approx(1.5)
+        order = [4, 0, 5, 2]
+        np.testing.assert_array_equal(stack[:], images[order])
+        md = stack.metadata
+        assert list(md["rlnImageName"]) == [f"{i + 1:06d}@J2/extract/particles.mrc" for i in order]
+        np.testing.assert_array_equal(md["csUid"], [9001, 9002, 9003, 9004])
+        assert md["csUid"].dtype == np.uint64
+        np.testing.assert_array_equal(md["rlnOpticsGroup"], [1, 2, 1, 2])
+        np.testing.assert_allclose(md["rlnDefocusU"], [12000, 15000, 18000, 21000])
+        np.testing.assert_allclose(md["rlnDefocusV"], [11500, 14000, 17800, 20000])
+        np.testing.assert_allclose(md["rlnDefocusAngle"], np.degrees([0.1, -0.5, 1.2, 3.0]), rtol=1e-6)
+        np.testing.assert_allclose(md["rlnPhaseShift"], [0, 0, 60, 0], atol=1e-4)
+        np.testing.assert_allclose(md["rlnVoltage"], 300)
+        np.testing.assert_allclose(md["rlnSphericalAberration"], 2.7, rtol=1e-6)
+        np.testing.assert_allclose(md["rlnAmplitudeContrast"], 0.1, rtol=1e-6)
+        require_ctf_columns(md, path)
+
+
+def test_cs_numpy_fixture_is_beyond_np_load():
+    """Why cryosparc-tools: np.load (the previous reader) refuses the real-sized NumPy header."""
+    with pytest.raises(ValueError, match="Header info length"):
+        np.load(FIXTURES / "J9" / "particles_numpy.cs", allow_pickle=False)
+
+
+def test_cs_exp_group_zero_becomes_optics_group_one(tmp_path):
+    from cryosparc.dataset import Dataset
+
+    mrc.write_stack(tmp_path / "s.mrcs", np.zeros((2, 8, 8), np.float32), 1.0)
+    d = Dataset.allocate(2, [("blob/path", "O"), ("blob/idx", "<u4"), ("ctf/exp_group_id", "<u4")])
+    d["blob/path"] = "s.mrcs"
+    d["blob/idx"] = [0, 1]
+    d["ctf/exp_group_id"] = [0, 3]
+    d.save(tmp_path / "p.cs")
+    with open_stack(tmp_path / "p.cs") as stack:
+        np.testing.assert_array_equal(stack.metadata["rlnOpticsGroup"], [1, 4])

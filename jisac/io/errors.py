@@ -10,3 +10,17 @@ class StackError(ValueError):
 
 class StackFileNotFoundError(StackError, FileNotFoundError):
     """A file that was asked for, or that a STAR/.cs file refers to, does not exist."""
+
+
+def require_file(path, what: str) -> None:
+    """Raises unless ``path`` is an existing regular file: a missing path gives :class:`StackFileNotFoundError`
+    ("no such <what>"), a folder gives :class:`StackError` saying it is a folder (not "no such file", which would
+    send the user looking for something that exists)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise StackError(f"{path}: is a folder, not a {what}; give the file itself (e.g. {path}/<name>"
+                         f"{path.suffix or ''})")
+    if not path.is_file():
+        raise StackFileNotFoundError(f"{path}: no such {what}")

@@ -11,16 +11,44 @@ Layout (EMAN2's ``libEM/hdfio2.cpp``), read and written here:
 Written for class averages (isac_algorithm.md §10.2): ``EMAN.members`` (int32 array, 0-based particle indices in
 the input stack), ``EMAN.n_objects`` (= len(members)), ``EMAN.apix_x/y/z`` (Å).
 
-CTF: EMAN2 stores a CTF as a string. An EMAN2Ctf string ``E<defocus> <dfdiff> <dfang> <bfactor> <ampcont>
-<voltage> <cs> <apix> <dsbg> <nbg>,…`` (defocus and dfdiff in µm, underfocus positive; dfang in degrees; ampcont
-in %; voltage kV; cs mm) is converted to RELION columns as EMAN2's own EMX export does:
-``rlnDefocusU/V = (defocus ± dfdiff/2) × 10⁴`` Å, ``rlnDefocusAngle = dfang``, ``rlnAmplitudeContrast =
-ampcont / 100``. EMAN1 strings (``O…``) and anything unparsable leave the CTF columns absent. Whether SPHIRE's
-angle convention matches RELION's exactly has not been checked against SPHIRE data.
+Compressed stacks (EMAN2's ``--compressbits``, the default of e2boxer and e2ctf; ``libEM/io/hdfio2.cpp``): the
+dataset holds unsigned integer codes (uint8 for up to 8 bits, uint16 for up to 16; chunked, zlib-deflated) and the
+image group carries ``EMAN.stored_renderbits`` b, ``EMAN.stored_rendermin`` and ``EMAN.stored_rendermax``. EMAN2
+wrote ``code = round((x - min) / (max - min) (2^b - 1))``, clipping values outside [min, max] to the end codes, and
+reads ``x = code / (2^b - 1) (max - min) + min``; so does :class:`HdfImageFile`. The error is at most half a step,
+``(max - min) / (2^b - 1) / 2``, except for clipped pixels. Integer data without these attributes is read as its
+values (as EMAN2 does); b > 0 without min/max is refused.
+
+CTF: EMAN2 and SPHIRE store a CTF as an EMAN2Ctf string ``E<defocus> <dfdiff> <dfang> <bfactor> <ampcont>
+<voltage> <cs> <apix> <dsbg> <nbg>,<bg...> <nsnr>,<snr...>`` (defocus and dfdiff in µm, underfocus positive; dfang
+in degrees; ampcont in %; voltage kV; cs mm). The same fields are read differently by the two programs
+(field_formats.md §3): EMAN2's own code puts the larger defocus along dfang, while SPHIRE's CTF (SPARX
+``Util::ctf_img``, ``Util::tf``) uses ``Δz(θ) = defocus − dfdiff/2 · sin(2(θ + dfang))`` and its RELION converters
+(``sp_sphire2relion.py``, inverse in ``sp_relion2sphire.py``) write
+
+    rlnDefocusU = (defocus − dfdiff/2) × 10⁴ Å,   rlnDefocusV = (defocus + dfdiff/2) × 10⁴ Å,
+    rlnDefocusAngle = 45° − dfang,
+
+which is the same CTF in RELION's form (``(U+V)/2 + (U−V)/2 cos 2(θ − α)`` with α = 45° − dfang). jisac reads every
+HDF stack in SPHIRE's convention: jisac reproduces SPHIRE's ISAC and beautifier, which read the header with SPARX's
+formula whoever wrote it, and the string itself does not say which program wrote it. When the string carries the
+fitted background/SNR curves that only EMAN2's e2ctf fills in (SPHIRE leaves them empty), one warning line says so:
+such a stack was made by EMAN2, and its astigmatism axis may differ from what EMAN2 itself would use (convert the
+stack with EMAN2's own RELION export if EMAN2's reading is wanted).
+
+Amplitude contrast: SPHIRE's phase is ``asin(w)`` for w = ampcont/100 ≥ 0 (RELION's ``asin(rlnAmplitudeContrast)``,
+so ``rlnAmplitudeContrast = w``, ``rlnPhaseShift = 0``). SPHIRE encodes a VPP phase above 90° as a negative ampcont
+read as the phase ``π + asin(w)`` (``Util::tf``, ``ampcont2angle``); that is converted to ``rlnAmplitudeContrast =
+0`` and ``rlnPhaseShift = 180° + asin(w)`` in degrees, the same total phase. ``rlnCtfBfactor`` is the B-factor.
+The wavelength is the one thing not carried over: SPARX computes it as 12.398 / sqrt(V (1022 + V)) Å (V in kV),
+RELION (and jisac) with slightly different constants, 2.5e-5 relative at 300 kV. EMAN1 strings (``O…``) and anything
+unparsable leave the CTF columns absent. Pinned by tests/test_io_hdf.py against a float64 transcription of SPHIRE's
+CTF.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -30,36 +58,65 @@ import numpy as np
 import pandas as pd
 
 from jisac.io.atomic import atomic_path
-from jisac.io.errors import StackError, StackFileNotFoundError
+from jisac.io.errors import StackError, require_file
 from jisac.io.table import ParticleTable, image_names
 
 _IMAGES = "MDF/images"
 _PREFIX = "EMAN."
 # Header keys that are lists even with one element (EMAN2 itself cannot tell a 1-element list from a scalar).
 _ARRAY_KEYS = frozenset({"members"})
+_LOG = logging.getLogger("jisac")
+_MAX_RENDER_BITS = 16  # EMAN2 refuses to write more (hdfio2.cpp)
 
 
 # --------------------------------------------------------------------------------------------------- CTF strings
 
 
-def parse_eman2_ctf(text: str) -> dict[str, float] | None:
-    """RELION CTF columns from an EMAN2Ctf string (``E…``; see the module docstring), or ``None`` when the string
-    is not one (EMAN1's ``O…`` strings included)."""
+def _ctf_fields(text) -> list[str] | None:
+    """The whitespace-separated fields of an EMAN2Ctf string (``E…``), or ``None`` when it is not one."""
     if not isinstance(text, str) or len(text) < 2 or text[0] != "E" or not (text[1].isdigit() or text[1] in "-."):
         return None
     fields = text[1:].split()
+    return fields if len(fields) >= 7 else None
+
+
+def has_eman2_fit_curves(text) -> bool:
+    """Whether an EMAN2Ctf string carries a fitted background or SNR curve (a count > 0 in field 10 or 11), which
+    EMAN2's e2ctf fills in and SPHIRE never does."""
+    fields = _ctf_fields(text)
+    if fields is None:
+        return False
+    for field in fields[9:11]:
+        try:
+            if int(float(field.split(",")[0])) > 0:
+                return True
+        except ValueError:
+            return False
+    return False
+
+
+def parse_eman2_ctf(text: str) -> dict[str, float] | None:
+    """RELION CTF columns from an EMAN2Ctf string (``E…``) read in SPHIRE's convention (see the module docstring),
+    or ``None`` when the string is not one (EMAN1's ``O…`` strings included)."""
+    fields = _ctf_fields(text)
+    if fields is None:
+        return None
     try:
         defocus, dfdiff, dfang, bfactor, ampcont, voltage, cs = (float(v) for v in fields[:7])
     except ValueError:
         return None
-    if len(fields) < 7:
-        return None
+    w = ampcont / 100.0  # EMAN2/SPHIRE give percent
+    if 0 <= w or w < -1:  # w < -1 is no phase at all: kept as is for the CTF checks to refuse
+        amplitude, phase_shift = w, 0.0
+    else:  # SPHIRE's VPP encoding: the total phase pi + asin(w), kept whole in the phase shift
+        amplitude, phase_shift = 0.0, 180.0 + float(np.degrees(np.arcsin(w)))
     return {
-        "rlnDefocusU": (defocus + dfdiff / 2) * 1e4,  # µm -> Å
-        "rlnDefocusV": (defocus - dfdiff / 2) * 1e4,
-        "rlnDefocusAngle": dfang,
+        "rlnDefocusU": (defocus - dfdiff / 2) * 1e4,  # µm -> Å, as SPHIRE's sp_sphire2relion
+        "rlnDefocusV": (defocus + dfdiff / 2) * 1e4,
+        "rlnDefocusAngle": 45.0 - dfang,
         "rlnCtfBfactor": bfactor,
-        "rlnAmplitudeContrast": ampcont / 100.0,  # EMAN2 gives percent
+        "rlnAmplitudeContrast": amplitude,
+        "rlnPhaseShift": phase_shift,
         "rlnVoltage": voltage,
         "rlnSphericalAberration": cs,
     }
@@ -94,8 +151,7 @@ def _image_count(images: h5py.Group, path: Path) -> int:
 
 
 def _open_h5(path: Path) -> h5py.File:
-    if not path.is_file():
-        raise StackFileNotFoundError(f"{path}: no such HDF file")
+    require_file(path, "HDF stack")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -166,8 +222,28 @@ class HdfImageFile:
             if data.shape != self.shape[1:]:
                 raise StackError(f"{self.path}: image {i} is {data.shape[::-1]} px but image 0 is "
                                  f"{self.shape[:0:-1]} px; all images of a stack must have one box size")
-            out[k] = data[()]
+            out[k] = self._decode(int(i), data[()])
         return out
+
+    def _decode(self, i: int, values: np.ndarray) -> np.ndarray:
+        """Image i's stored values as float32: EMAN2's compressed integer codes rescaled to the original values
+        (see the module docstring); float data unchanged."""
+        if values.dtype.kind == "f":
+            return values
+        attrs = self._images[str(i)].attrs
+        bits = attrs.get(_PREFIX + "stored_renderbits")
+        bits = 0 if bits is None else int(np.asarray(bits).reshape(-1)[0])
+        if bits <= 0:
+            return values.astype(np.float32)
+        lo, hi = attrs.get(_PREFIX + "stored_rendermin"), attrs.get(_PREFIX + "stored_rendermax")
+        if lo is None or hi is None or bits > _MAX_RENDER_BITS:
+            raise StackError(f"{self.path}: image {i} is EMAN2-compressed ({bits} bits) but its header lacks "
+                             "stored_rendermin/stored_rendermax or has more than 16 bits, so its values cannot be "
+                             f"restored; re-export it uncompressed (e2proc2d.py {self.path.name} out.hdf "
+                             "--compressbits=-1)")
+        lo, hi = (float(np.asarray(v).reshape(-1)[0]) for v in (lo, hi))
+        codes = values.astype(np.float64)
+        return (codes / float((1 << bits) - 1) * (hi - lo) + lo).astype(np.float32)
 
     def close(self) -> None:
         self._file.close()
@@ -188,6 +264,13 @@ def read_hdf_table(path: str | os.PathLike) -> ParticleTable:
     if all(c is not None for c in ctf) and n:
         for column in ctf[0]:
             metadata[column] = [c[column] for c in ctf]
+        if (metadata["rlnPhaseShift"] == 0).all():  # no VPP: no column, as before VPP stacks were converted
+            metadata = metadata.drop(columns="rlnPhaseShift")
+        fitted = sum(has_eman2_fit_curves(h.get("ctf")) for h in headers)
+        if fitted:
+            _LOG.warning("%s: %d of %d CTF header(s) carry EMAN2 e2ctf's fitted curves, so EMAN2 made them; their "
+                         "astigmatism is read in SPHIRE's convention (rlnDefocusAngle = 45 - dfang), as SPHIRE's "
+                         "ISAC reads it", path, fitted, n)
     keys = list(dict.fromkeys(k for h in headers for k in h))
     for key in keys:
         values = [h.get(key) for h in headers]

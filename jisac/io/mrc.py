@@ -3,7 +3,14 @@
 Reading is lazy: :class:`MrcImageFile` reads the header with ``mrcfile`` and then only the bytes of the images asked
 for, with plain file reads: pages of a memory map would stay resident in the process once read, so streaming a
 stack larger than RAM through one would grow the process to the size of the stack.
-A 2D MRC file is one image; a 3D one (``.mrcs`` or ``.mrc``) is a stack of ``nz`` images, as RELION reads them.
+A 2D MRC file is one image; a 3D one is a stack of ``nz`` images, with one exception. Which 3D files are stacks
+follows RELION's naming rule (``.mrcs`` is a stack) and the MRC2014 header's space group (``ispg`` 0: image stack,
+1: one volume): an ``.mrcs`` file is always read as a stack; an ``.mrc`` file with ``nz > 1`` is a stack unless its
+header says ``ispg = 1`` (a single volume, e.g. a 3D map), which is refused rather than classified slice by slice.
+cryoSPARC's particle stacks are ``.mrc`` files with ``ispg = 0``, so they read as stacks.
+
+Refused with one line (:class:`StackError`): complex data (modes 3 and 4: Fourier transforms, not images), a file
+shorter than its header promises (truncated copy: expected and actual bytes are named), a volume as above.
 """
 
 from __future__ import annotations
@@ -17,12 +24,32 @@ import pandas as pd
 
 from jisac.diskarray import DiskArray
 from jisac.io.atomic import atomic_path
-from jisac.io.errors import StackError, StackFileNotFoundError
+from jisac.io.errors import StackError, require_file
 from jisac.io.table import ParticleTable, image_names
 
 
-def write_stack(path: str | os.PathLike, images, pixel_size_angst: float = 1.0) -> None:
-    """Writes ``(n, ny, nx)`` images as a float32 MRC image stack (``.mrcs``), atomically."""
+# MRC modes whose values are complex numbers (3: two int16, 4: two float32): Fourier-space data, not images.
+_COMPLEX_MODES = {3: "complex int16", 4: "complex float32"}
+# Bytes per value of each MRC2014 mode mrcfile reads (101: 4-bit, two values per byte, handled separately).
+_MODE_BYTES = {0: 1, 1: 2, 2: 4, 3: 4, 4: 8, 6: 2, 12: 2}
+_HEADER_BYTES = 1024
+_DEFAULT_PIXEL_SIZE = 1.0  # Å/px written when a caller gives none (the value mrcfile-era callers relied on)
+
+
+def write_stack(path: str | os.PathLike, images, pixel_size_angst: float | None = None, *,
+                pixel_size: float | None = None) -> None:
+    """Writes ``(n, ny, nx)`` images as a float32 MRC image stack (``.mrcs``, ``ispg = 0``), atomically.
+
+    pixel_size: Å/px written as the header's voxel size (what RELION's ``relion_image_handler --stats`` and
+    ``mrcfile``'s ``voxel_size`` report); ``pixel_size_angst`` is the older positional name of the same value.
+    Neither given: 1.0 Å/px, as before."""
+    if pixel_size is not None and pixel_size_angst is not None and float(pixel_size) != float(pixel_size_angst):
+        raise ValueError(f"{path}: pixel_size={pixel_size} and pixel_size_angst={pixel_size_angst} disagree; "
+                         "give one")
+    size = pixel_size if pixel_size is not None else pixel_size_angst
+    size = _DEFAULT_PIXEL_SIZE if size is None else float(size)
+    if not np.isfinite(size) or size < 0:
+        raise ValueError(f"{path}: pixel size {size} Å/px is not a finite value >= 0")
     data = np.ascontiguousarray(np.asarray(images, np.float32))
     if data.ndim != 3:
         raise ValueError(f"{path}: an image stack must be (n, ny, nx), got shape {data.shape}")
@@ -30,7 +57,7 @@ def write_stack(path: str | os.PathLike, images, pixel_size_angst: float = 1.0) 
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(data)
             mrc.set_image_stack()
-            mrc.voxel_size = pixel_size_angst
+            mrc.voxel_size = size
 
 
 def read_stack(path: str | os.PathLike) -> np.ndarray:
@@ -38,6 +65,32 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
     with mrcfile.open(path, permissive=False) as mrc:
         data = np.asarray(mrc.data, np.float32)
     return data[None] if data.ndim == 2 else data
+
+
+def _check_header(path: Path) -> None:
+    """Refuses, before any data is mapped, what the header alone shows to be wrong: complex modes, a file shorter
+    than the header's dimensions promise, a 3D volume in an ``.mrc`` file (see the module docstring)."""
+    try:
+        with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+            header = mrc.header
+            mode, ispg, nsymbt = int(header.mode), int(header.ispg), int(header.nsymbt)
+            nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    except (ValueError, OSError) as e:
+        raise StackError(f"{path}: not a readable MRC file ({e}); check the file or re-export it") from None
+    if mode in _COMPLEX_MODES:
+        raise StackError(f"{path}: MRC mode {mode} ({_COMPLEX_MODES[mode]}) holds Fourier-space data, not real "
+                         "images; give the real-space particle stack (mode 0, 1, 2, 6 or 12)")
+    if mode in _MODE_BYTES and min(nx, ny, nz) > 0 and nsymbt >= 0:
+        expected = _HEADER_BYTES + nsymbt + nx * ny * nz * _MODE_BYTES[mode]
+        actual = path.stat().st_size
+        if actual < expected:
+            raise StackError(f"{path}: the file is shorter than its header promises: {actual} bytes, expected "
+                             f"{expected} ({_HEADER_BYTES}-byte header + {nsymbt} extended + {nx} x {ny} x {nz} "
+                             f"mode-{mode} values); the file is truncated: copy or export it again")
+    if path.suffix.lower() == ".mrc" and nz > 1 and ispg == 1:
+        raise StackError(f"{path}: the header says this is one 3D volume ({nx} x {ny} x {nz}, space group 1), not "
+                         "a stack of 2D images; give the particle stack (name a stack .mrcs, or set its header's "
+                         "space group to 0)")
 
 
 class MrcImageFile:
@@ -49,8 +102,8 @@ class MrcImageFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise StackFileNotFoundError(f"{self.path}: no such MRC file")
+        require_file(self.path, "MRC file")
+        _check_header(self.path)
         try:
             # permissive: files from some programs have a non-standard map ID or mode; mrcfile then warns instead
             # of failing, and a header too broken to give data is caught just below.

@@ -17,13 +17,16 @@ import numpy as np
 import pandas as pd
 
 from jisac.io import checks, cryosparc, hdf, mrc, star
-from jisac.io.errors import StackError, StackFileNotFoundError
+from jisac.io.errors import StackError, require_file
 from jisac.io.table import ParticleTable
 
 _HDF_SUFFIXES = (".hdf", ".h5", ".hdf5")
 _MRC_SUFFIXES = (".mrc", ".mrcs")
 # Relative tolerance for "the same pixel size" across optics groups (STAR files print 6 significant digits).
 _PIXEL_SIZE_RTOL = 1e-4
+# What each extension is called in messages ("... is a folder, not a STAR file").
+_KINDS = {".star": "STAR file", ".mrc": "MRC file", ".mrcs": "MRC stack", ".hdf": "HDF stack", ".h5": "HDF stack",
+          ".hdf5": "HDF stack", ".cs": "cryoSPARC .cs file"}
 
 
 def _open_image_file(path: Path):
@@ -201,18 +204,29 @@ class ParticleStack:
 def open_stack(path: str | os.PathLike, *, pixel_size: float | None = None,
                project_dir: str | os.PathLike | None = None, max_open_files: int = 64) -> ParticleStack:
     """Opens a particle stack by extension: ``.star`` (RELION 3.0/3.1+), ``.mrc``/``.mrcs``, ``.hdf``/``.h5``
-    (EMAN2/SPHIRE), ``.cs`` (cryoSPARC; ``project_dir`` locates its relative paths).
+    (EMAN2/SPHIRE), ``.cs`` (cryoSPARC).
 
-    pixel_size: Å/px, overrides the file's value (and fills ``rlnImagePixelSize``).
+    pixel_size:  Å/px (> 0), overrides whatever the file says and fills ``rlnImagePixelSize`` (the config key
+                 ``data.pixel_size``).
+    project_dir: the cryoSPARC project folder against which a ``.cs`` file's relative ``blob/path`` values
+                 resolve (the config key ``data.project_dir``); ignored for other formats.
     Raises :class:`StackError` (one line naming the file/row) for any bad input."""
     text = os.fspath(path)
     if text.startswith("bdb:"):
         raise StackError(f"{text}: EMAN2/SPHIRE BDB databases are not read; convert to an HDF stack first: "
                          f"e2proc2d.py {text} stack.hdf")
     path = Path(text)
-    if not path.exists():
-        raise StackFileNotFoundError(f"{path}: no such file")
+    if pixel_size is not None:
+        try:
+            size = float(pixel_size)
+        except (TypeError, ValueError):
+            size = float("nan")
+        if not np.isfinite(size) or size <= 0:
+            raise StackError(f"{path}: pixel size {pixel_size!r} is not a number > 0; give "
+                             "data.pixel_size=<A/px> with the images' pixel size in Angstrom")
+        pixel_size = size
     suffix = path.suffix.lower()
+    require_file(path, _KINDS.get(suffix, "file"))
     if suffix == ".star":
         table = star.read_star_table(path)
     elif suffix in _MRC_SUFFIXES:

@@ -23,7 +23,7 @@ import starfile
 
 from jisac.io import mrc
 from jisac.io.atomic import atomic_path
-from jisac.io.errors import StackError, StackFileNotFoundError
+from jisac.io.errors import StackError, StackFileNotFoundError, require_file
 from jisac.io.table import OPTICS_COLUMNS, ParticleTable, image_names
 
 
@@ -117,8 +117,7 @@ def _resolve(stack: str, star_dir: Path) -> Path | None:
 def read_star_table(path: str | os.PathLike) -> ParticleTable:
     """Reads a RELION 3.0 or 3.1+ particle STAR file into a :class:`ParticleTable` (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise StackFileNotFoundError(f"{path}: no such STAR file")
+    require_file(path, "STAR file")
     blocks = {name: _as_frame(b) for name, b in _read_blocks(path).items()}
     blocks = {name: b for name, b in blocks.items() if b is not None}
     if "particles" in blocks and "rlnImageName" in blocks["particles"].columns:
