@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, devices, filters, polar, synthetic
+from jisac import align, devices, filters, polar, sharding, synthetic
 
 devices.use_all_cpu_cores()  # before any JAX computation
 
@@ -233,7 +233,7 @@ def main() -> None:
     peak_np, peak_jax = matmul_peak_gflops()
     peak = max(peak_np, peak_jax)
 
-    mesh = devices.data_mesh()
+    mesh = sharding.data_mesh()
     n_dev = mesh.size
     compile_s, jax_s, result = time_jax(particles, refs, options, args.particle_chunk, args.repeats, mesh)
     _, one_s, _ = time_jax(particles, refs, options, args.particle_chunk, 1)

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from jisac import align, devices, filters, hardware
+from jisac import align, devices, filters, memory, sharding
 
 
 def ints(text: str) -> list[int]:
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     devices.use_all_cpu_cores()
-    mesh = hardware.data_mesh()
+    mesh = sharding.data_mesh()
     rng = np.random.default_rng(0)
     box = 76
     images = rng.normal(size=(args.n, box, box)).astype(np.float32)
@@ -62,7 +62,7 @@ def main() -> None:
             t = time.perf_counter()
             run(images)
             best = min(best, time.perf_counter() - t)
-        mem = hardware.memory_snapshot()
+        mem = memory.memory_snapshot()
         rows.append({"particle_batch": batch, "reference_chunk": ref_chunk, "particle_chunk": chunk,
                      "compile_s": round(first - steady_chunk, 2), "seconds": round(best, 3),
                      "comparisons_per_s": round(args.n * args.k * options.grid.n_shifts / best, 1),

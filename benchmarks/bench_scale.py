@@ -5,7 +5,7 @@ classes for 200,000 particles), as one MRA iteration of ``isac.run_generation``.
 The stack (an MRCS written batch by batch through a memory map, never held in memory): noisy projections of the
 built-in phantom along 64 directions, randomly rotated and shifted. Preprocessing streams it into the 76 px
 working stack (in memory, or on disk above half of ``--host-budget-mb``, read by rows); the MRA uses the
-chunk sizes ``hardware.plan`` derives from ``--budget-mb`` per device; references are ``n / img_per_grp``
+chunk sizes ``budget.plan`` derives from ``--budget-mb`` per device; references are ``n / img_per_grp``
 random particles. The MRA keeps only the ``(n, k)`` float32 score table on the host (``--full-table``: also
 every pair's parameters, the former path, 17 instead of 4 bytes per pair). Prints a table per stage (seconds,
 particles/s, peak RSS so far) and, last, one JSON line with ``particles_per_s`` (MRA + assignment + parameters)
@@ -61,17 +61,18 @@ def classify_pass(images, k: int, budget, mesh, full_table: bool = False) -> dic
     peak RSS (MB) after each stage."""
     import numpy as np
 
-    from jisac import align, filters, hardware, isac
+    from jisac import align, filters, isac, memory
+    from jisac.budget import plan as plan_chunks
     from jisac.eqkmeans import assign_equal_size
 
     p = isac.IsacParams()
     options = p.align
-    plan = hardware.plan(budget, options, k, p.target_nx, mesh.size)
+    plan = plan_chunks(budget, options, k, p.target_nx, mesh.size)
     options = options._replace(particle_batch=plan.particle_batch, reference_chunk=plan.reference_chunk)
     n = images.shape[0]
     refs = np.asarray(images[np.sort(np.random.default_rng(1).choice(n, k, replace=False))])
     mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
-    peak = lambda: hardware.memory_snapshot()["peak_rss_mb"]  # noqa: E731
+    peak = lambda: memory.memory_snapshot()["peak_rss_mb"]  # noqa: E731
     t = time.perf_counter()
     masked = filters.subtract_masked_mean(refs, mask)
     bank = align.prepare_references(masked, options)
@@ -104,11 +105,11 @@ def device_run(n: int, img_per_grp: int, budget_mb: int | None, full_table: bool
     JSON line."""
     import numpy as np
 
-    from jisac import config, hardware
+    from jisac import config, sharding
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(n, 76, 76)).astype(np.float32)
-    mesh = hardware.data_mesh()
+    mesh = sharding.data_mesh()
     budget = config.budget(config.JisacConfig(hardware=config.HardwareConfig(memory_budget_mb=budget_mb)))
     res = classify_pass(images, max(2, n // img_per_grp), budget, mesh, full_table)
     res["devices"] = mesh.size
@@ -136,14 +137,15 @@ def main() -> None:
     from jisac import devices
 
     devices.use_all_cpu_cores()
-    from jisac import config, hardware, preprocess
+    from jisac import config, memory, preprocess, sharding
+    from jisac.budget import working_stack_on_disk
     from jisac.diskarray import DiskArray
     from jisac.io import open_stack
 
     # the budgets and chunk sizes `python -m jisac` would use here (the backend's presets unless --budget-mb)
     budget = config.budget(config.JisacConfig(hardware=config.HardwareConfig(
         memory_budget_mb=args.budget_mb, host_memory_budget_mb=args.host_budget_mb)))
-    mesh = hardware.data_mesh()
+    mesh = sharding.data_mesh()
     k = args.n // args.img_per_grp
     radius = int(0.4 * args.box)
     rows = []
@@ -151,20 +153,20 @@ def main() -> None:
         tmp = Path(tmp)
         t = time.perf_counter()
         make_stack_on_disk(tmp / "stack.mrcs", args.n, args.box, radius)
-        rows.append(("make stack on disk", time.perf_counter() - t, args.n, hardware.memory_snapshot()["peak_rss_mb"]))
+        rows.append(("make stack on disk", time.perf_counter() - t, args.n, memory.memory_snapshot()["peak_rss_mb"]))
 
         t = time.perf_counter()
         prep = preprocess.PreprocessParams(radius, 29, 76)
         # jisac's own stack reader, as `python -m jisac` reads a stack (plain reads, nothing stays resident)
         with open_stack(tmp / "stack.mrcs") as stack:
             batches = lambda: stack.iter_batches(512)  # noqa: E731
-            disk = hardware.working_stack_on_disk(args.n, 76, budget, tmp)
+            disk = working_stack_on_disk(args.n, 76, budget, tmp)
             if disk is not None:
                 disk.parent.mkdir(parents=True)
             working = preprocess.prepare_working_stack(batches, args.n, prep, out_path=disk)
         # on disk: read by rows with plain reads, as `python -m jisac` does (jisac.diskarray)
         images = working.images if disk is None else DiskArray.from_mrc(disk)
-        rows.append(("preprocess (76 px)", time.perf_counter() - t, args.n, hardware.memory_snapshot()["peak_rss_mb"]))
+        rows.append(("preprocess (76 px)", time.perf_counter() - t, args.n, memory.memory_snapshot()["peak_rss_mb"]))
 
         res = classify_pass(images, k, budget, mesh, args.full_table)
         rows.append((f"MRA ({k} refs{', full table' if args.full_table else ''})", res["mra_s"], args.n,
@@ -181,7 +183,7 @@ def main() -> None:
     out = {"n": args.n, "box": args.box, "classes": k, "devices": mesh.size,
            "full_table": args.full_table,
            "particles_per_s": args.n / (res["mra_s"] + res["assign_s"] + res["params_s"]),
-           "peak_rss_mb": hardware.memory_snapshot()["peak_rss_mb"],
+           "peak_rss_mb": memory.memory_snapshot()["peak_rss_mb"],
            "seconds": {name: round(sec, 2) for name, sec, _, _ in rows}}
     if args.device_table:
         table = []

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, devices, synthetic, within_group
+from jisac import align, devices, sharding, synthetic, within_group
 from jisac import transforms as T
 
 devices.use_all_cpu_cores()
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per setting (after one warm-up)")
     args = parser.parse_args()
     parts, labels, k = stack(args.n)
-    mesh = devices.data_mesh()
+    mesh = sharding.data_mesh()
     options = align.AlignOptions()
     seconds, results = {}, {}
     for window in (0, 2):

@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import polar
+from jisac import polar, sharding
 from jisac.polar import RingGeometry
+from jisac.rows import RowRange, pad_rows
 from jisac.transforms import Transform2D, from_centre_and_angle, particle_centre
 
 Array = jax.Array
@@ -357,19 +358,6 @@ def _best_chunk(images, centres, bank, options):
     return _map_batches(best, images, centres, options.particle_batch)
 
 
-@functools.lru_cache(maxsize=32)
-def _sharded(fn, mesh, options: AlignOptions, n_split: int = 2):
-    """``fn`` with its first ``n_split`` (per-particle) arguments split over the mesh's one axis and the last
-    (the reference bank) replicated."""
-    spec = jax.sharding.PartitionSpec(mesh.axis_names[0])
-    rep = jax.sharding.PartitionSpec()
-    return jax.jit(
-        jax.shard_map(
-            functools.partial(fn, options=options), mesh=mesh, in_specs=(spec,) * n_split + (rep,), out_specs=spec
-        )
-    )
-
-
 def _iterate_chunks(
     fn, images, params, bank, options: AlignOptions, particle_chunk: int, progress, mesh, labels=None, n_columns=None
 ):
@@ -383,8 +371,6 @@ def _iterate_chunks(
     Each chunk is dispatched before the previous one's results are fetched, so the device computes while the
     host reads the next rows and copies results (on a GPU the host side would otherwise idle it).
     """
-    from jisac import hardware
-
     n = images.shape[0]
     n_dev = 1 if mesh is None else mesh.size
     step = options.particle_batch * n_dev
@@ -395,17 +381,15 @@ def _iterate_chunks(
     else:
         cx, cy = (np.broadcast_to(np.asarray(c, np.float32), (n,)) for c in particle_centre(params))
         centres = np.stack([cx, cy], -1)
-    if mesh is None:
-        call = lambda *per_particle: fn(*map(jnp.asarray, per_particle), bank, options)  # noqa: E731
-    else:
-        sharded = _sharded(fn, mesh, options, 2 if labels is None else 3)
-        bank_rep = hardware.replicate(bank, mesh)
-        call = lambda *per_particle: sharded(*hardware.put_rows(per_particle, mesh), bank_rep)  # noqa: E731
+    n_split = 2 if labels is None else 3
+    call_fn = sharding.over_particles(fn, mesh, (True,) * n_split + (False,), True, options=options)
+    bank_dev = bank if mesh is None else sharding.replicate(bank, mesh)  # copied to the devices once
+    call = lambda *per_particle: call_fn(*sharding.to_devices(per_particle, mesh, (bank_dev,)))  # noqa: E731
     outs = None
 
     def store(start, stop, result):
         nonlocal outs
-        out = jax.tree.map(hardware.fetch, result)
+        out = jax.tree.map(sharding.fetch, result)
         if n_columns is not None:
             out = jax.tree.map(lambda a: a[:, :n_columns] if a.ndim > 1 else a, out)
         if outs is None:
@@ -418,11 +402,9 @@ def _iterate_chunks(
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         # Padded to the static chunk shape so there is one compilation whatever n is.
-        per_particle = [hardware.RowRange(images, start, stop, chunk), hardware.pad_rows(centres[start:stop], chunk)]
+        per_particle = [RowRange(images, start, stop, chunk), pad_rows(centres[start:stop], chunk)]
         if labels is not None:
-            per_particle.append(hardware.pad_rows(np.asarray(labels[start:stop], np.int32), chunk))
-        if mesh is None:
-            per_particle[0] = per_particle[0][:]
+            per_particle.append(pad_rows(np.asarray(labels[start:stop], np.int32), chunk))
         result = call(*per_particle)  # dispatched asynchronously: the device works while the host goes on
         if pending is not None:
             store(*pending)  # the previous chunk's results, fetched while this chunk runs

@@ -16,13 +16,14 @@ integers (exact, any order, any device count) and turned back into float32 once.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jisac import sharding
+from jisac.rows import RowRange, pad_rows
 from jisac.transforms import Transform2D, apply_transform
 
 Array = jax.Array
@@ -86,17 +87,6 @@ def _chunk_sums_local(images, params, labels, n_classes, axis=None):
     return out + (exponent,)
 
 
-@functools.lru_cache(maxsize=32)
-def _chunk_fn(n_classes: int, mesh):
-    fn = functools.partial(_chunk_sums_local, n_classes=n_classes)
-    if mesh is None:
-        return jax.jit(fn)
-    axis = mesh.axis_names[0]
-    split, rep = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
-    return jax.jit(jax.shard_map(functools.partial(fn, axis=axis), mesh=mesh, in_specs=(split, split, split),
-                                 out_specs=(rep, rep, rep, rep)))
-
-
 def class_sums(images, params: Transform2D, labels, n_classes: int, chunk: int = 256, mesh=None) -> ClassSums:
     """Sums of aligned members per class, exact whatever the device count (see the module docstring).
 
@@ -113,26 +103,21 @@ def class_sums(images, params: Transform2D, labels, n_classes: int, chunk: int =
     Returns:
         ``ClassSums`` with ``sums`` ``(k, ny, nx)`` float32 and ``counts`` ``(k,)`` int32.
     """
-    from jisac import hardware
-
     n = images.shape[0]
     n_dev = 1 if mesh is None else mesh.size
     chunk = min(chunk, n)  # a small stack is not padded to a whole chunk
     padded_chunk = -(-chunk // n_dev) * n_dev
     labels = np.asarray(labels, np.int32)
     fields = [np.asarray(f) for f in params]
-    fn = _chunk_fn(n_classes, mesh)
+    fn = sharding.over_particles(_chunk_sums_local, mesh, (True, True, True), False, collectives=True,
+                                 n_classes=n_classes)
     total = counts = None
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        rows = hardware.RowRange(images, start, stop, padded_chunk)
-        lab = hardware.pad_rows(labels[start:stop], padded_chunk, -1)
-        par = Transform2D(*(hardware.pad_rows(f[start:stop], padded_chunk) for f in fields))
-        if mesh is None:
-            args = (jnp.asarray(rows[:]), Transform2D(*map(jnp.asarray, par)), jnp.asarray(lab))
-        else:
-            args = (hardware.put_rows(rows, mesh), hardware.put_rows(par, mesh), hardware.put_rows(lab, mesh))
-        hi, lo, cnt, exponent = (hardware.fetch(a) for a in fn(*args))
+        rows = RowRange(images, start, stop, padded_chunk)
+        lab = pad_rows(labels[start:stop], padded_chunk, -1)
+        par = Transform2D(*(pad_rows(f[start:stop], padded_chunk) for f in fields))
+        hi, lo, cnt, exponent = (sharding.fetch(a) for a in fn(*sharding.to_devices((rows, par, lab), mesh)))
         part = _limbs_to_float64(hi, lo, exponent)
         total = part if total is None else total + part
         counts = cnt if counts is None else counts + cnt

@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf
 
-from jisac import config, hardware
+from jisac import config, devices
 from jisac.demo import run_alignment_demo
 from jisac.run import run
 from jisac.sweep import SweepJob
@@ -43,7 +43,7 @@ def main(cfg) -> float:
         typed: config.JisacConfig = OmegaConf.to_object(cfg)
         if job is not None:  # output_dir names the sweep folder; each run writes into its own job folder there
             typed.output_dir = str(job.folder)
-        hardware.setup(typed.hardware)  # before any JAX computation: devices, jax.distributed
+        devices.setup(typed.hardware)  # before any JAX computation: devices, jax.distributed
         if typed.data.stack is None and typed.demo.kind == "alignment":
             return run_alignment_demo(typed)["view_accuracy"]
         if typed.demo.kind not in ("isac", "alignment"):

@@ -15,7 +15,8 @@ from hydra.core.config_store import ConfigStore
 
 from jisac import criteria, isac
 from jisac.align import AlignOptions, SearchGrid
-from jisac.hardware import Budget, backend_preset, parse_device_ids
+from jisac.budget import Budget, backend_preset
+from jisac.devices import parse_device_ids
 from jisac.polar import RingGeometry
 from jisac.preprocess import PreprocessParams
 
@@ -61,6 +62,8 @@ class DataConfig:
     drop_nonfinite: bool = False  # leave out (unaccounted) particles with NaN/Inf pixels instead of stopping
     cache: bool = True  # reuse the working stack + pre-alignment of an earlier run on the same data (jisac.cache)
     cache_dir: Optional[str] = None  # the cache's folder; none: $XDG_CACHE_HOME/jisac/working (~/.cache/jisac/working)
+    pixel_size: Optional[float] = None  # Angstrom/px; overrides the stack's (e.g. an MRC stack with 0 in its header)
+    project_dir: Optional[str] = None  # cryoSPARC project folder against which a .cs file's blob paths resolve
 
 
 @dataclass
@@ -71,7 +74,7 @@ class AlignConfig:
     ring_step: int = _RINGS.ring_step  # SPHIRE --rs
     n_angles: int = _RINGS.n_angles  # samples per ring (GPU ISAC)
     bandlimit: bool = _RINGS.bandlimit  # skip angular frequencies above ceil(pi r) + 1 on ring r
-    # Preferred chunk sizes; null: the preset of the backend the run is on (hardware.BACKEND_PRESETS, the fastest
+    # Preferred chunk sizes; null: the preset of the backend the run is on (budget.BACKEND_PRESETS, the fastest
     # measured with benchmarks/bench_chunks.py). hardware.memory_budget_mb lowers them when needed.
     particle_batch: Optional[int] = None  # particles per inner step inside one jitted call
     reference_chunk: Optional[int] = None  # references per inner step
@@ -83,7 +86,7 @@ ALIGN_CHUNK_SIZES = ("particle_batch", "reference_chunk", "particle_chunk")
 
 @dataclass
 class HardwareConfig:
-    """Where the work runs (``jisac.hardware``): devices, memory budgets, several processes."""
+    """Where the work runs (``jisac.devices``, ``jisac.budget``): devices, memory budgets, several processes."""
 
     devices: Any = "all"  # "all" or a list of device ids as in jax.devices(), e.g. [0,1] (GPU ISAC's --gpu_devices)
     # per device: sets every chunk size; null: the backend's preset (CPU 1024, GPU 4096)
@@ -177,7 +180,7 @@ class RunParams(NamedTuple):
     Attributes:
         isac: ISAC's parameters, with the ``AlignOptions`` of every alignment of the run.
         preprocess: the working-stack preparation (radius in input pixels, shrink, CTF).
-        budget: memory budgets and preferred chunk sizes (``hardware.plan`` sets each generation's sizes).
+        budget: memory budgets and preferred chunk sizes (``budget.plan`` sets each generation's sizes).
         criterion: the stability criterion (``criteria.make_criterion``).
         seed: ``isac.rand_seed``.
         restart, skip_prealignment: ``isac.restart``, ``isac.skip_prealignment``.
@@ -231,7 +234,7 @@ def isac_params(cfg: JisacConfig, n_particles: int | None = None) -> isac.IsacPa
 
 
 def budget(cfg: JisacConfig, platform: str | None = None) -> Budget:
-    """The ``hardware.Budget`` of ``cfg.hardware`` and ``cfg.align``'s preferred chunk sizes; a size left null
+    """The ``budget.Budget`` of ``cfg.hardware`` and ``cfg.align``'s preferred chunk sizes; a size left null
     is the preset of ``platform`` (default: JAX's default backend). ``ValueError`` names a size below 1."""
     sizes = {name: backend_preset(name, platform) if getattr(cfg.align, name) is None else getattr(cfg.align, name)
              for name in ALIGN_CHUNK_SIZES}

@@ -25,10 +25,11 @@ import pandas as pd
 import jax
 import numpy as np
 
-from jisac import align, average, cache, config, ctf, filters, hardware, synthetic
+from jisac import align, average, cache, config, ctf, devices, filters, synthetic
 from jisac import transforms as T
 from jisac.io.atomic import write_json
 from jisac.io.mrc import write_stack
+from jisac.io.star import write_stack_and_star
 
 log = logging.getLogger("jisac")
 
@@ -98,8 +99,6 @@ def demo_stack(
         "jisacTrueDirectionY": directions[truth, 1] * sign[:, 0],
         "jisacTrueDirectionZ": directions[truth, 2] * sign[:, 0],
     })
-    from jisac.io.star import write_stack_and_star
-
     tmp = folder.with_name(folder.name + f".{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -169,7 +168,7 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
     def progress(done, total):
         log.info("aligned %d/%d particles to %d views (%.1f s)", done, total, demo.n_views, time.perf_counter() - t1)
 
-    mesh = hardware.mesh_from_config(cfg.hardware)
+    mesh = devices.mesh_from_config(cfg.hardware)
     log.info("aligning on %d %s device(s)", mesh.size, jax.devices()[0].platform)
     chunk = budget.particle_chunk * mesh.size
     result = align.align_to_references(particles, bank, options, particle_chunk=chunk, progress=progress, mesh=mesh)

@@ -1,15 +1,22 @@
-"""Which devices the work runs on.
+"""Execution layer: which devices and processes the work runs on.
 
 On a CPU, XLA runs the alignment kernel's small batched matmuls and FFTs on one core per device, so jisac makes
 one CPU device per core and splits particles over them (measured 1.65x on 2 cores, docs/benchmarks.md). The
-device count is fixed when the backend starts: call ``use_all_cpu_cores`` before any JAX computation.
+device count is fixed when the backend starts: ``setup`` (``use_all_cpu_cores``, ``jax.distributed``) runs before
+any JAX computation. ``hardware.devices`` picks devices by id (GPU ISAC's ``--gpu_devices``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
+import numpy as np
+
+from jisac.sharding import data_mesh, is_main_process
+
+log = logging.getLogger("jisac")
 
 
 def use_all_cpu_cores() -> None:
@@ -26,9 +33,108 @@ def use_all_cpu_cores() -> None:
     jax.config.update("jax_num_cpu_devices", max(1, cores))
 
 
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-    """A one-axis mesh named ``data`` over ``devices`` (default: every device of the default backend);
-    ``jisac.hardware.data_mesh``."""
-    from jisac import hardware
 
-    return hardware.data_mesh(devices)
+# ------------------------------------------------------------------------------------------ processes
+
+
+def cluster_detected(environ=os.environ) -> bool:
+    """A multi-task SLURM step or Open MPI job (what ``jax.distributed.initialize()`` detects by itself)."""
+    for name in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
+        try:
+            if int(environ.get(name, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def _distributed_is_initialized() -> bool:
+    return jax.distributed.is_initialized()
+
+
+def initialize_distributed(mode="auto", coordinator_address=None, num_processes=None, process_id=None,
+                           environ=os.environ) -> bool:
+    """Calls ``jax.distributed.initialize`` when asked (``true``) or, with ``auto``, when a cluster launcher is
+    detected or a coordinator address is given. Must run before any JAX computation. Returns whether this is a
+    multi-process run."""
+    mode = str(mode).strip().lower()
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"hardware.distributed must be auto, true or false (got {mode!r})")
+    if mode == "false":
+        return False
+    if mode == "auto" and coordinator_address is None and not cluster_detected(environ):
+        return False
+    if _distributed_is_initialized():
+        return jax.process_count() > 1
+    kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                                    process_id=process_id).items() if v is not None}
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"hardware.distributed: jax.distributed.initialize failed: {err}") from None
+    return jax.process_count() > 1
+
+
+def quiet_other_processes() -> None:
+    """Only process 0 logs below WARNING."""
+    if not is_main_process():
+        logging.getLogger("jisac").setLevel(logging.WARNING)
+
+
+def setup(hw) -> None:
+    """Applies a ``config.HardwareConfig`` first thing in a run: one CPU device per core, ``jax.distributed`` if
+    asked, quiet non-zero processes, and a check of ``hardware.devices``."""
+    use_all_cpu_cores()
+    initialize_distributed(hw.distributed, hw.coordinator_address, hw.num_processes, hw.process_id)
+    quiet_other_processes()
+    select_devices(hw.devices)
+
+
+# ------------------------------------------------------------------------------------------ devices and mesh
+
+
+def parse_device_ids(spec) -> list[int] | None:
+    """``all`` -> None; ``[0, 1]``, ``(0, 1)``, ``"0,1"`` or ``3`` -> a list of ints (GPU ISAC's ``--gpu_devices``)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        text = spec.strip().strip("[]()").strip()
+        if text.lower() in ("all", ""):
+            return None
+        parts = [s.strip() for s in text.split(",") if s.strip()]
+    elif isinstance(spec, (int, np.integer)):
+        parts = [spec]
+    else:
+        parts = list(spec)
+    try:
+        ids = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"hardware.devices must be 'all' or a list of device ids such as [0,1] (got {spec!r})"
+        ) from None
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"hardware.devices lists a device twice: {ids}")
+    return ids
+
+
+def select_devices(spec="all") -> list:
+    """The devices named by ``hardware.devices`` (ids as in ``jax.devices()``, of every process)."""
+    available = jax.devices()
+    ids = parse_device_ids(spec)
+    if ids is None:
+        return list(available)
+    by_id = {d.id: d for d in available}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise ValueError(
+            f"hardware.devices: no device with id {', '.join(map(str, unknown))} "
+            f"(available: {', '.join(str(d.id) for d in available)}, {available[0].platform})"
+        )
+    chosen = [by_id[i] for i in ids]
+    if jax.process_count() > 1 and not any(d.process_index == jax.process_index() for d in chosen):
+        raise ValueError(f"hardware.devices: process {jax.process_index()} has none of the devices {ids}")
+    return chosen
+
+
+def mesh_from_config(hw) -> jax.sharding.Mesh:
+    return data_mesh(select_devices(hw.devices))

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, average, criteria, filters, hardware, within_group
+from jisac import align, average, criteria, filters, rows, within_group
+from jisac.budget import Budget, backend_preset, default_budget, plan
 from jisac.eqkmeans import assign_equal_size
 from jisac.polar import RingGeometry
 from jisac.transforms import Transform2D, apply_transform, compose, identity, make_transform, particle_centre
@@ -192,14 +193,14 @@ def run_generation(
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[str], None] | None = None,
     criterion=None,
-    budget: hardware.Budget | None = None,
+    budget: Budget | None = None,
 ) -> GenerationResult:
     """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default; NumPy,
-    a stack on disk (``jisac.diskarray.DiskArray``) or a lazy ``hardware.Rows`` view).
+    a stack on disk (``jisac.diskarray.DiskArray``) or a lazy ``rows.Rows`` view).
 
     ``criterion``: a stability criterion (``criteria.make_criterion``); default ISAC2's pixel error with
     ``p.thld_err`` and the particle radius ``p.target_radius``. ``budget``: memory budgets that set the chunk
-    sizes (``hardware.plan``; default: the backend's presets, ``hardware.default_budget``); results do not depend
+    sizes (``plan``; default: the backend's presets, ``default_budget``); results do not depend
     on it, nor on the mesh's device count.
     """
     if criterion is None:
@@ -212,10 +213,10 @@ def run_generation(
     options = p.align
     platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
     n_dev = 1 if mesh is None else mesh.size
-    plan = hardware.plan(budget or hardware.default_budget(platform), options, k, p.target_nx, n_dev)
-    options = options._replace(particle_batch=plan.particle_batch, reference_chunk=plan.reference_chunk)
+    sizes = plan(budget or default_budget(platform), options, k, p.target_nx, n_dev)
+    options = options._replace(particle_batch=sizes.particle_batch, reference_chunk=sizes.reference_chunk)
     wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre,
-                                         cache_window=hardware.backend_preset("within_group_cache_window", platform))
+                                         cache_window=backend_preset("within_group_cache_window", platform))
     k_init, key = jax.random.split(key)
     references = jnp.asarray(images[np.asarray(jax.random.choice(k_init, n, (k,), replace=False))])
     params = identity((n,))
@@ -235,7 +236,7 @@ def run_generation(
             masked_refs = filters.subtract_masked_mean(references, mask)
             bank = align.prepare_references(masked_refs, options)
             scores = align.alignment_scores(images, bank, options, params=params, mesh=mesh,
-                                            particle_chunk=plan.particle_chunk)
+                                            particle_chunk=sizes.particle_chunk)
             del bank
             # 3. equal-size assignment, then each particle's parameters for its class: the same search against
             # that one reference (1/k of the MRA's work), i.e. the table's entry for the pair up to rounding.
@@ -243,7 +244,7 @@ def run_generation(
             del scores
             params, _ = align.align_to_assigned(images, align.prepare_assigned_references(masked_refs, options),
                                                 labels, options, params=params, mesh=mesh,
-                                                particle_chunk=plan.particle_chunk)
+                                                particle_chunk=sizes.particle_chunk)
             # 4. filtered, centred averages
             averages = average.class_averages(images, params, labels, k, mesh=mesh)
             averages = filters.tanh_lowpass(averages, cutoff, p.ff)
@@ -265,7 +266,7 @@ def run_generation(
         for _ in range(n_runs):
             key, k_run = jax.random.split(key)
             avgs, wparams = within_group.within_group_alignment(
-                images, labels, k, k_run, options, wg, params, mesh, max_particles=plan.within_group_particles
+                images, labels, k, k_run, options, wg, params, mesh, max_particles=sizes.within_group_particles
             )
             run_params.append(wparams)
         if not tested:
@@ -377,14 +378,14 @@ def run_isac(
     on_generation: Callable[[IsacState, GenerationResult, np.ndarray], None] | None = None,
     progress: Callable[[str], None] | None = None,
     criterion=None,
-    budget: hardware.Budget | None = None,
+    budget: Budget | None = None,
 ) -> IsacState:
     """Runs (or, given a checkpointed ``state``, resumes) ISAC on a working stack ``(n, nx, nx)``.
 
     Generation ``g`` uses the key ``fold_in(key(seed), g)``, so a resumed run ends exactly as an uninterrupted
     one. ``on_generation(state, result, working_indices)`` is called after each finished generation (write
     outputs and a checkpoint there). ``images`` may be a stack on disk: each generation reads its working set
-    lazily (``hardware.Rows``), chunk by chunk.
+    lazily (``rows.Rows``), chunk by chunk.
     """
     n = images.shape[0]
     p.validate(n)
@@ -395,7 +396,7 @@ def run_isac(
         g = state.generation + 1
         work_idx = state.pool
         say(f"generation {g}: {len(work_idx)} particles in {len(work_idx) // p.img_per_grp} classes")
-        working = hardware.take_rows(images, work_idx)
+        working = rows.take_rows(images, work_idx)
         result = run_generation(working, jax.random.fold_in(root, g), p, mesh, progress, criterion, budget)
         n_good = 0
         for c in result.accepted:

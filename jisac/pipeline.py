@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jisac import align, hardware, isac
+from jisac import align, isac, sharding
 from jisac.io.atomic import atomic_path, write_json
 from jisac.io.mrc import write_stack
 
@@ -210,11 +210,11 @@ def classify(
 
     With ``restart`` and a checkpoint of the same run (same parameters, seed and ``data_id``) in
     ``output_dir``, continues after its last finished generation; a checkpoint of a different run is refused.
-    ``criterion``: the stability criterion (default ISAC2's pixel error). ``budget``: ``hardware.Budget`` (chunk
+    ``criterion``: the stability criterion (default ISAC2's pixel error). ``budget``: ``Budget`` (chunk
     sizes). With several processes, every process runs this and process 0 alone writes.
     """
     out = Path(output_dir)
-    main = hardware.is_main_process()
+    main = sharding.is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
     p.validate(len(images))
@@ -238,7 +238,7 @@ def classify(
         if main:
             write_generation(out, st, result, work_idx)
             save_state(ckpt, st, run_id)
-        hardware.barrier(f"generation {st.generation}")
+        sharding.barrier(f"generation {st.generation}")
 
     state = isac.run_isac(images, p, seed, state, mesh, on_generation, progress=log.info, criterion=criterion,
                           budget=budget)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jisac import align, average, filters
+from jisac.polar import RingGeometry
 from jisac.transforms import compose, from_centre_and_angle, make_transform, particle_centre
 from jisac.within_group import random_start
 
@@ -63,8 +64,6 @@ def prealign(
     """
     n, box = images.shape[0], images.shape[-1]
     stages = search_stages(box, target_radius)
-    from jisac.polar import RingGeometry
-
     geometry = RingGeometry(1, target_radius, 1)
     labels = np.zeros(n, np.int32)
     params = random_start(key, None, n)

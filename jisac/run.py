@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from jisac import cache, config, ctf, hardware, io, pipeline, prealign, preprocess
+from jisac import cache, config, ctf, devices, io, memory, pipeline, prealign, preprocess, rows, sharding
+from jisac.budget import working_stack_on_disk
+from jisac.demo import demo_stack
 from jisac.diskarray import DiskArray
 from jisac.io import hdf, star
 from jisac.io.atomic import atomic_path, write_json
@@ -51,19 +53,19 @@ def _ctf_params(stack, use_ctf: bool):
 
 def _working_stack(stack, prep: preprocess.PreprocessParams, ctf_params, shifts, pixel_size, disk=None):
     """The prepared stack as an array: in memory, or (``disk``: a path) written there by process 0 and read by
-    every process with plain reads of the rows it needs (``jisac.diskarray``, ``hardware.working_stack_on_disk``)."""
+    every process with plain reads of the rows it needs (``jisac.diskarray``, ``working_stack_on_disk``)."""
     batches = lambda: stack.iter_batches(256)  # noqa: E731  (VPP reads the stack twice)
     if disk is None:
         return preprocess.prepare_working_stack(
             batches, len(stack), prep, ctf_params_for_indices=ctf_params, shifts=shifts, pixel_size_angst=pixel_size
         ).images
-    if hardware.is_main_process():
+    if sharding.is_main_process():
         disk.parent.mkdir(parents=True, exist_ok=True)
         preprocess.prepare_working_stack(
             batches, len(stack), prep, ctf_params_for_indices=ctf_params, shifts=shifts, pixel_size_angst=pixel_size,
             out_path=disk,
         )
-    hardware.barrier(f"working stack {disk.name}")
+    sharding.barrier(f"working stack {disk.name}")
     return DiskArray.from_mrc(disk)
 
 
@@ -72,8 +74,6 @@ def run(cfg: config.JisacConfig) -> dict:
     out = Path(cfg.output_dir)
     t0 = time.perf_counter()
     if cfg.data.stack is None:
-        from jisac.demo import demo_stack
-
         config.isac_params(cfg)  # a bad option stops before the demo stack is made
         path, radius = demo_stack(cfg.demo)
         log.info("no data.stack given: using the built-in demo stack %s", path)
@@ -84,15 +84,17 @@ def run(cfg: config.JisacConfig) -> dict:
     elif cfg.isac.radius is None:
         raise ValueError("isac.radius is required: the particle radius in pixels of the input stack")
     path = cfg.data.stack
-    stack = io.open_stack(path)
+    if cfg.data.pixel_size is not None and not cfg.data.pixel_size > 0:
+        raise ValueError(f"data.pixel_size must be > 0 Angstrom/px (got {cfg.data.pixel_size})")
+    stack = io.open_stack(path, pixel_size=cfg.data.pixel_size, project_dir=cfg.data.project_dir)
     n, box = len(stack), stack.box_size
     pixel_size = io.require_pixel_size(stack)
     try:
         rp = config.run_params(cfg, n, box)  # every option checked before heavy work
     except ValueError as err:
         raise ValueError(f"{err} (stack {path})") if "isac.radius=" in str(err) else err from None
-    mesh = hardware.mesh_from_config(cfg.hardware)
-    memory = hardware.MemoryReport()
+    mesh = devices.mesh_from_config(cfg.hardware)
+    report = memory.MemoryReport()
     p, prep, budget = rp.isac, rp.preprocess, rp.budget
     ctf_params = _ctf_params(stack, prep.ctf)
     s = prep.shrink_ratio
@@ -102,22 +104,22 @@ def run(cfg: config.JisacConfig) -> dict:
     # The preprocessing cache is for single-process runs (several processes would race on its entries).
     digest = cache.data_digest() if rp.cache and jax.process_count() == 1 else None
     keep = _finite_particles(stack, rp.drop_nonfinite, digest)
-    disk = hardware.working_stack_on_disk(n, p.target_nx, budget, out)
+    disk = working_stack_on_disk(n, p.target_nx, budget, out)
     if disk is not None:
         log.info("the working stack (%.0f MB) is above half of hardware.host_memory_budget_mb: kept on disk at %s",
                  n * p.target_nx**2 * 4 / 2**20, disk)
     log.info("%d device(s) (%s), hardware.memory_budget_mb=%d per device", mesh.size, mesh.devices.flat[0].platform,
              budget.device_bytes >> 20)
     shifts, images, cache_record = _cached_preprocessing(rp, stack, ctf_params, keep, pixel_size, digest,
-                                                         timings, mesh, disk, memory)
+                                                         timings, mesh, disk, report)
 
     data_id = (_stack_id(str(path)), prep.radius, prep.ctf, prep.vpp, rp.skip_prealignment)
     summary = pipeline.classify(
         images, p, out, seed=rp.seed, data_id=repr(data_id), restart=rp.restart,
         mesh=mesh, criterion=rp.criterion, budget=budget,
     )
-    memory.record("isac")
-    if hardware.is_main_process():
+    report.record("isac")
+    if sharding.is_main_process():
         write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size, keep)
         if disk is not None:  # the scratch stacks (read with plain reads: nothing holds them open)
             for scratch in (disk, disk.with_name("prealign_stack.mrcs")):
@@ -126,10 +128,10 @@ def run(cfg: config.JisacConfig) -> dict:
     summary["seconds"].update(timings)
     summary["input"] = str(path)
     summary["cache"] = cache_record
-    memory.record("outputs")
-    summary["memory"] = {"devices": mesh.size, "processes": jax.process_count(), "stages": memory.stages}
-    summary["peak_rss_mb"] = memory.stages["outputs"]["peak_rss_mb"]
-    if hardware.is_main_process():
+    report.record("outputs")
+    summary["memory"] = {"devices": mesh.size, "processes": jax.process_count(), "stages": report.stages}
+    summary["peak_rss_mb"] = report.stages["outputs"]["peak_rss_mb"]
+    if sharding.is_main_process():
         write_json(out / "summary.json", summary)
     return summary
 
@@ -139,14 +141,14 @@ def _kept(images, keep: np.ndarray):
     a lazy view (a stack on disk)."""
     if len(keep) == images.shape[0]:
         return images
-    return hardware.take_rows(images, keep)
+    return rows.take_rows(images, keep)
 
 
 def _preprocess(stack, rp: config.RunParams, ctf_params, keep: np.ndarray, pixel_size: float, timings: dict, mesh,
-                disk, memory) -> tuple[np.ndarray, np.ndarray]:
+                disk, report) -> tuple[np.ndarray, np.ndarray]:
     """``(shifts (n, 2) float32 original px, working stack (len(keep), target_nx, target_nx) float32)``: the
     pre-alignment (§3.1) and the working stack (§3.2, on ``disk`` when given); stage times go
-    into ``timings`` (seconds), memory into ``memory``."""
+    into ``timings`` (seconds), memory into ``report``."""
     prep, p, seed = rp.preprocess, rp.isac, rp.seed
     n, box, s = len(stack), stack.box_size, prep.shrink_ratio
     # Pre-alignment: shrunk copies without cropping, centring shifts in original pixels.
@@ -169,21 +171,21 @@ def _preprocess(stack, rp: config.RunParams, ctf_params, keep: np.ndarray, pixel
         del copies
         shifts = (shifts_shrunk / s).astype(np.float32)
         timings["prealignment"] = round(time.perf_counter() - t, 2)
-        memory.record("prealignment")
+        report.record("prealignment")
 
     t = time.perf_counter()
     images = _kept(_working_stack(stack, prep, ctf_params, shifts, pixel_size, disk), keep)
     timings["working_stack"] = round(time.perf_counter() - t, 2)
     log.info("working stack: %d x %d px (%.1f s)", len(images), p.target_nx, timings["working_stack"])
-    memory.record("working_stack")
+    report.record("working_stack")
     return shifts, images
 
 
 def _cached_preprocessing(rp: config.RunParams, stack, ctf_params, keep: np.ndarray, pixel_size: float, digest,
-                          timings: dict, mesh, disk, memory):
+                          timings: dict, mesh, disk, report):
     """:func:`_preprocess` through the preprocessing cache (``jisac.cache``): ``(shifts, images, record)`` where
     ``record`` (for summary.json) says ``status`` ("hit", "miss" or "off"), and the entry's ``key`` and ``path``."""
-    args = (stack, rp, ctf_params, keep, pixel_size, timings, mesh, disk, memory)
+    args = (stack, rp, ctf_params, keep, pixel_size, timings, mesh, disk, report)
     if digest is None:
         shifts, images = _preprocess(*args)
         return shifts, images, {"status": "off"}

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jisac import transforms as T
+
 Array = jax.Array
 
 
@@ -116,8 +118,6 @@ def known_view_particles(
     85 % of ``radius`` px, rotated in plane, shifted by up to ``max_shift`` px and mirrored at random
     (``numpy`` generator ``seed``), plus white noise at ``snr`` (``jax.random.key(seed + 1)``).
     """
-    from jisac import transforms as T
-
     phantom = make_phantom(radius=0.85 * radius, seed=1)
     rot, tilt = hemisphere_directions(n_views)
     views = project(phantom, euler_to_matrix(rot, tilt, 0), box)

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, average, filters, hardware, polar
+from jisac import align, average, filters, polar, sharding
+from jisac.rows import RowRange, Rows, pad_rows
 from jisac.transforms import Transform2D, apply_transform, from_centre_and_angle, particle_centre
 
 Array = jax.Array
@@ -226,22 +227,6 @@ def _final_lowpass(avg, fh, ff):
     return filters.tanh_lowpass(avg, fh, ff)
 
 
-@functools.lru_cache(maxsize=16)
-def _within_group_fn(n_classes, options, wg, mesh):
-    """The jitted schedule, on one device or split over the particles of a one-axis mesh."""
-    fn = functools.partial(_within_group_local, n_classes=n_classes, options=options, wg=wg)
-    if mesh is None:
-        return jax.jit(fn)
-    axis = mesh.axis_names[0]
-    split, rep = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
-    return jax.jit(
-        jax.shard_map(
-            functools.partial(fn, axis=axis), mesh=mesh, in_specs=(split, split, split, split), out_specs=(rep, split),
-            check_vma=False,  # the class-sum scan starts from a zero that is the same on every device
-        )
-    )
-
-
 def within_group_alignment(
     images,
     labels,
@@ -273,7 +258,7 @@ def within_group_alignment(
         params: current parameters (their centres are kept); ``None`` means the box centre.
         mesh: optional one-axis device mesh: particles are split over its devices, class sums added across them
             (exact integer sums: the same result as one device).
-        max_particles: most particles per call (all devices; ``hardware.plan``); None: all in one call.
+        max_particles: most particles per call (all devices; ``budget.plan``); None: all in one call.
 
     Returns:
         ``(averages, params)``: the final low-passed class averages ``(n_classes, ny, nx)`` and the members'
@@ -293,25 +278,23 @@ def within_group_alignment(
     groups = _class_groups(labels, sizes, max_particles or max(n, 1))
     padded = max(-(-max(len(g), 1) // step) * step for g in groups)
     wg = wg._replace(cache_window=_cache_window(padded, options, wg))
-    fn = _within_group_fn(n_classes, options, wg, mesh)
+    # check_vma off: the class-sum scan starts from a zero that is the same on every device
+    fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4, (False, True), collectives=True,
+                                 check_vma=False, n_classes=n_classes, options=options, wg=wg)
     averages = np.zeros((n_classes,) + tuple(images.shape[1:]), np.float32)
     out = Transform2D(*(np.array(f, copy=True) for f in start))
     for rows in groups:
         m = len(rows)
-        view = hardware.RowRange(hardware.Rows(images, rows) if len(groups) > 1 else images, 0, m, padded)
-        lab = hardware.pad_rows(labels[rows], padded, -1)
+        view = RowRange(Rows(images, rows) if len(groups) > 1 else images, 0, m, padded)
+        lab = pad_rows(labels[rows], padded, -1)
         valid = np.arange(padded) < m
-        st = Transform2D(*(hardware.pad_rows(f[rows], padded) for f in start))
-        if mesh is None:
-            args = (jnp.asarray(view[:]), jnp.asarray(lab), jnp.asarray(valid), Transform2D(*map(jnp.asarray, st)))
-        else:
-            args = hardware.put_rows((view, lab, valid, st), mesh)
-        avg, found = fn(*args)
+        st = Transform2D(*(pad_rows(f[rows], padded) for f in start))
+        avg, found = fn(*sharding.to_devices((view, lab, valid, st), mesh))
         in_group = np.zeros(n_classes, bool)
         in_group[np.unique(labels[rows][labels[rows] >= 0])] = True
-        averages[in_group] = np.asarray(_final_lowpass(jnp.asarray(hardware.fetch(avg)), wg.fh, wg.ff))[in_group]
+        averages[in_group] = np.asarray(_final_lowpass(jnp.asarray(sharding.fetch(avg)), wg.fh, wg.ff))[in_group]
         for f_all, f in zip(out, found):
-            f_all[rows] = hardware.fetch(f)[:m]
+            f_all[rows] = sharding.fetch(f)[:m]
     return averages, Transform2D(*map(jnp.asarray, out))
 
 

@@ -47,12 +47,12 @@ def main(mode: str, folder: str, *rest: str) -> None:
     elif mode == "process":
         port, pid = rest
         jax.config.update("jax_num_cpu_devices", 2)
-        from jisac import hardware, run
+        from jisac import devices, run
 
-        hardware.initialize_distributed("true", f"127.0.0.1:{port}", 2, int(pid))
+        devices.initialize_distributed("true", f"127.0.0.1:{port}", 2, int(pid))
         assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
         stack = folder / "particles.star"
-        hardware.quiet_other_processes()
+        devices.quiet_other_processes()
         # host budget of 1 MB: the working stack is memory-mapped from disk (written by process 0)
         run.run(config(stack, folder / "p2", devices="all", host_memory_budget_mb=1))
     else:

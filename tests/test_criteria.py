@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from jisac import config, criteria, filters, pipeline, stability, synthetic
+from jisac import config, criteria, filters, pipeline, synthetic
 from jisac import transforms as T
 
 CONF_DIR = Path(config.__file__).resolve().parent.parent / "conf"

@@ -14,7 +14,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from jisac import align, average, config, hardware, within_group
+from jisac import align, average, budget, config, devices, memory, rows, sharding, within_group
 from jisac import transforms as T
 from jisac.diskarray import DiskArray
 
@@ -31,20 +31,20 @@ def _env():
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (CPU runs force 2; one GPU is 1)")
 def test_devices_from_config_and_bad_ids():
-    assert hardware.parse_device_ids("all") is None
-    assert hardware.parse_device_ids([0, 1]) == [0, 1]
-    assert hardware.parse_device_ids("0,1") == [0, 1]
-    assert [d.id for d in hardware.select_devices([1])] == [jax.devices()[1].id]
-    mesh = hardware.mesh_from_config(config.HardwareConfig(devices=[1, 0]))
+    assert devices.parse_device_ids("all") is None
+    assert devices.parse_device_ids([0, 1]) == [0, 1]
+    assert devices.parse_device_ids("0,1") == [0, 1]
+    assert [d.id for d in devices.select_devices([1])] == [jax.devices()[1].id]
+    mesh = devices.mesh_from_config(config.HardwareConfig(devices=[1, 0]))
     assert mesh.axis_names == ("data",) and mesh.size == 2
     with pytest.raises(ValueError, match=r"^hardware.devices: no device with id 7 \(available: 0, 1"):
-        hardware.select_devices([0, 7])
+        devices.select_devices([0, 7])
     with pytest.raises(ValueError, match="hardware.devices"):
-        hardware.select_devices("gpu0")
+        devices.select_devices("gpu0")
     with pytest.raises(ValueError, match="hardware.distributed must be"):
-        hardware.initialize_distributed("maybe")
-    assert not hardware.initialize_distributed("auto", environ={})  # no cluster: a single process
-    assert hardware.cluster_detected({"SLURM_NTASKS": "4"}) and not hardware.cluster_detected({"SLURM_NTASKS": "1"})
+        devices.initialize_distributed("maybe")
+    assert not devices.initialize_distributed("auto", environ={})  # no cluster: a single process
+    assert devices.cluster_detected({"SLURM_NTASKS": "4"}) and not devices.cluster_detected({"SLURM_NTASKS": "1"})
     with pytest.raises(ValueError, match="hardware.memory_budget_mb"):
         config.budget(config.JisacConfig(hardware=config.HardwareConfig(memory_budget_mb=0)))
 
@@ -57,20 +57,20 @@ def test_chunk_sizes_and_budget_follow_the_backend_unless_set():
     for name in config.ALIGN_CHUNK_SIZES + ("memory_budget_mb",):
         key = "device_bytes" if name == "memory_budget_mb" else name
         scale = 1 << 20 if name == "memory_budget_mb" else 1
-        assert getattr(cpu, key) == hardware.BACKEND_PRESETS["cpu"][name] * scale
-        assert getattr(gpu, key) == hardware.BACKEND_PRESETS["gpu"][name] * scale
+        assert getattr(cpu, key) == budget.BACKEND_PRESETS["cpu"][name] * scale
+        assert getattr(gpu, key) == budget.BACKEND_PRESETS["gpu"][name] * scale
     assert config.budget(cfg(config.AlignConfig(reference_chunk=7)), "gpu").reference_chunk == 7
     assert config.budget(cfg(hardware_cfg=config.HardwareConfig(memory_budget_mb=300))).device_bytes == 300 << 20
-    assert hardware.default_budget("gpu") == gpu._replace(host_bytes=hardware.default_budget("gpu").host_bytes)
-    assert hardware.default_budget() == config.budget(cfg())  # library calls without a budget: the same defaults
+    assert budget.default_budget("gpu") == gpu._replace(host_bytes=budget.default_budget("gpu").host_bytes)
+    assert budget.default_budget() == config.budget(cfg())  # library calls without a budget: the same defaults
     with pytest.raises(ValueError, match=r"^align.particle_chunk must be >= 1 \(got 0\)"):
         config.budget(cfg(config.AlignConfig(particle_chunk=0)))
 
 
 def test_one_budget_sets_every_chunk_size():
     options = align.AlignOptions()
-    big = hardware.plan(hardware.Budget(device_bytes=1 << 30), options, n_references=1000, box=76, n_devices=2)
-    small = hardware.plan(hardware.Budget(device_bytes=16 << 20), options, n_references=1000, box=76, n_devices=2)
+    big = budget.plan(budget.Budget(device_bytes=1 << 30), options, n_references=1000, box=76, n_devices=2)
+    small = budget.plan(budget.Budget(device_bytes=16 << 20), options, n_references=1000, box=76, n_devices=2)
     assert (big.particle_batch, big.reference_chunk) == (4, 50)  # the preferred sizes fit in 1 GB
     assert small.particle_batch * small.reference_chunk < big.particle_batch * big.reference_chunk
     assert small.particle_chunk < big.particle_chunk and small.within_group_particles < big.within_group_particles
@@ -84,7 +84,7 @@ def test_class_sums_are_exact_on_any_mesh(projections50):
     params = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n),
                               rng.integers(0, 2, n).astype(bool))
     one = average.class_sums(projections50, params, labels, k, chunk=16)
-    two = average.class_sums(projections50, params, labels, k, chunk=16, mesh=hardware.data_mesh())
+    two = average.class_sums(projections50, params, labels, k, chunk=16, mesh=sharding.data_mesh())
     np.testing.assert_array_equal(np.asarray(one.sums), np.asarray(two.sums))  # bit-identical
     np.testing.assert_array_equal(np.asarray(one.counts), np.asarray(two.counts))
     aligned = np.asarray(T.apply_transform(jnp.asarray(projections50), params), np.float64)
@@ -99,7 +99,7 @@ def test_within_group_in_class_groups_equals_one_call(projections50):
     wg = within_group.WithinGroupOptions(maxit=3)
     key = jax.random.key(0)
     whole = within_group.within_group_alignment(projections50, labels, 5, key, opts, wg)
-    mesh = hardware.data_mesh()
+    mesh = sharding.data_mesh()
     parts = within_group.within_group_alignment(projections50, labels, 5, key, opts, wg, mesh=mesh, max_particles=20)
     np.testing.assert_array_equal(whole[0], parts[0])
     for a, b in zip(whole[1], parts[1]):
@@ -121,7 +121,7 @@ def test_disk_array_reads_rows_of_npy_and_mrcs(tmp_path):
         np.testing.assert_array_equal(disk[idx], truth[idx])
         np.testing.assert_array_equal(disk[idx, :, 0], truth[idx, :, 0])
         np.testing.assert_array_equal(np.asarray(disk), truth)
-        np.testing.assert_array_equal(hardware.take_rows(disk, [5, 1])[:], truth[[5, 1]])
+        np.testing.assert_array_equal(rows.take_rows(disk, [5, 1])[:], truth[[5, 1]])
         with pytest.raises(IndexError, match="out of range"):
             disk[10]
         with pytest.raises(IndexError, match="out of range"):
@@ -135,14 +135,14 @@ def test_disk_array_reads_rows_of_npy_and_mrcs(tmp_path):
 def test_lazy_rows_read_what_is_asked(tmp_path):
     data = np.lib.format.open_memmap(tmp_path / "s.npy", mode="w+", dtype=np.float32, shape=(10, 4, 4))
     data[:] = np.arange(10, dtype=np.float32)[:, None, None]
-    view = hardware.Rows(data, [7, 2, 5])
+    view = rows.Rows(data, [7, 2, 5])
     np.testing.assert_array_equal(view[1:][:, 0, 0], [2, 5])
     np.testing.assert_array_equal(view[np.array([2, 0])][:, 0, 0], [5, 7])
-    rows = hardware.RowRange(view, 1, 3, size=4)
-    np.testing.assert_array_equal(rows[:][:, 0, 0], [2, 5, 0, 0])
-    arr = hardware.put_rows(rows, hardware.data_mesh())
-    np.testing.assert_array_equal(hardware.fetch(arr)[:, 0, 0], [2, 5, 0, 0])
-    snap = hardware.memory_snapshot()
+    padded = rows.RowRange(view, 1, 3, size=4)
+    np.testing.assert_array_equal(padded[:][:, 0, 0], [2, 5, 0, 0])
+    arr = sharding.put_rows(padded, sharding.data_mesh())
+    np.testing.assert_array_equal(sharding.fetch(arr)[:, 0, 0], [2, 5, 0, 0])
+    snap = memory.memory_snapshot()
     assert snap["peak_rss_mb"] > 0
 
 
