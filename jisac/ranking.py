@@ -184,17 +184,17 @@ def particle_classes(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _generation_of(averages: np.ndarray, run_dir: Path) -> np.ndarray:
     """For each final average, the generation whose ``good_class_averages.mrcs`` holds the identical image
-    (0 when none does)."""
-    found = np.zeros(len(averages), int)
+    (0 when none does). The final averages are the generations' float32 arrays written again, so they match
+    bit for bit; matched by their bytes (a dict, not k x k comparisons)."""
+    first_gen: dict[bytes, int] = {}
     for folder in sorted((run_dir / "main001").glob("generation[0-9][0-9][0-9]")):
         good = read_stack(folder / "good_class_averages.mrcs")
         if good is None or good.shape[1:] != averages.shape[1:]:
             continue
         g = int(folder.name[len("generation"):])
-        for i, avg in enumerate(averages):
-            if not found[i] and any(np.array_equal(avg, x) for x in good):
-                found[i] = g
-    return found
+        for x in good:
+            first_gen.setdefault(np.ascontiguousarray(x, np.float32).tobytes(), g)
+    return np.array([first_gen.get(np.ascontiguousarray(a, np.float32).tobytes(), 0) for a in averages], int)
 
 
 def stable_fractions(members: np.ndarray, averages: np.ndarray | None, run_dir: Path, history: list,

@@ -83,3 +83,12 @@ def test_class_table_without_particles_star_uses_particle_classes_txt(tmp_path):
 def test_class_table_of_a_run_in_progress_is_empty(tmp_path):
     fake_run.make_run(tmp_path, finished=False)
     assert ranking.class_table(tmp_path).empty
+
+
+def test_stable_fraction_without_generation_folders_uses_img_per_grp(tmp_path):
+    import shutil
+
+    fake_run.make_run(tmp_path)
+    shutil.rmtree(tmp_path / "main001")
+    t = ranking.class_table(tmp_path)
+    np.testing.assert_allclose(t["stable_fraction"], np.minimum([m / 30 for m, _, _ in fake_run.CLASSES.values()], 1))
