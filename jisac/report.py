@@ -106,15 +106,17 @@ def _e(x) -> str:
 
 
 def png_data_uri(image: np.ndarray) -> str:
-    """A 2D image as a grey PNG data URI, contrast from its 0.5th to 99.5th percentile (row 0 at the top)."""
-    from matplotlib.image import imsave  # not pyplot: no global state, no backend choice
+    """A 2D image as an 8-bit grey PNG data URI, contrast from its 0.5th to 99.5th percentile (row 0 at the
+    top, as the montage and RELION's display show it)."""
+    from PIL import Image  # Pillow: matplotlib's own PNG writer, installed with it
 
     img = np.asarray(image, np.float64)
     lo, hi = np.percentile(img, [0.5, 99.5]) if img.size else (0.0, 1.0)
     if not hi > lo:
         lo, hi = lo - 1.0, hi + 1.0
+    grey = np.round(255 * np.clip((img - lo) / (hi - lo), 0, 1)).astype(np.uint8)
     buf = io.BytesIO()
-    imsave(buf, np.clip((img - lo) / (hi - lo), 0, 1), cmap="gray", vmin=0, vmax=1, format="png")
+    Image.fromarray(grey).save(buf, format="PNG", optimize=False)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
