@@ -443,8 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     try:
-        is_run = (folder / "summary.json").is_file() or (folder / "main001").is_dir()
-        path = write_report(folder) if is_run else write_sweep_report(folder)
+        from jisac.sweep import job_folders
+
+        is_sweep = not (folder / "summary.json").is_file() and bool(job_folders(folder))
+        path = write_sweep_report(folder) if is_sweep else write_report(folder)
     except (OSError, ValueError) as err:
         print(f"jisac.report: error: {err}", file=sys.stderr)
         return 2

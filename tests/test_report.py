@@ -234,3 +234,6 @@ def test_report_file_is_small_and_fast(tmp_path):
     assert time.perf_counter() - t < 5.0
     assert path.stat().st_size < 200_000
     assert re.search(r"<title>jisac run", path.read_text())
+    path.unlink()
+    assert report.main([str(tmp_path)]) == 0 and path.is_file()  # the command line, on a run folder
+    assert report.main([str(tmp_path / "missing")]) == 2
