@@ -182,7 +182,7 @@ def _class_grid(avgs: np.ndarray, table) -> str:
         parts = [f"<b>#{row[0]}</b> &middot; {int(row.members)} members"]
         stable = _num(100 * row.stable_fraction, "{:.0f}", "&nbsp;%")  # (no line break inside a number)
         err = _num(row.mean_pixel_error, "{:.2f}", "&nbsp;px")
-        parts.append(f"stable {stable} &middot; err {err}" if err else f"stable {stable}")
+        parts.append(f"stable&nbsp;{stable} &middot; err&nbsp;{err}" if err else f"stable&nbsp;{stable}")
         res = _num(row.resolution_angst, "{:.1f}", "&nbsp;&Aring;")
         parts.append((f"{res} &middot; " if res else "") + f"score {row.score:.2f}")
         figs.append(

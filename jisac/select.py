@@ -17,8 +17,9 @@ Options (``key=value`` as in the main command, or ``--key value``):
 
 Given several, a class must meet all of them. The output is a RELION 3.1 STAR file: the rows of ``particles.star``
 whose ``rlnClassNumber`` is chosen, in input order, with all their columns (alignment, CTF, ``jisacMirror``,
-``jisacPixelError``, ...), and the optics table unchanged. ``rlnImageName`` paths are kept as they are, so they
-resolve as ``particles.star``'s do; keep the output beside it (the default) or in a folder where they resolve.
+``jisacPixelError``, ...), and the optics table unchanged. A relative stack path in ``rlnImageName`` that does not
+resolve from the output's folder but does from the input STAR file's folder (``summary.json`` "input") is
+rewritten relative to the output's folder (said in a note), so the substack opens where it is written.
 When the run's input was a cryoSPARC ``.cs`` file, a ``.cs`` substack is not written yet (planned); import the STAR
 file with cryoSPARC's "Import Particle Stack".
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -101,9 +103,30 @@ def choose_classes(table: pd.DataFrame, classes=None, min_score: float | None = 
     return numbers[keep].tolist()
 
 
-def write_substack(particles_star: Path, classes, output: Path) -> int:
+def _relocate_image_names(names: pd.Series, input_dir: Path | None, output_dir: Path) -> tuple[pd.Series, int]:
+    """``N@stack`` names whose relative stack path does not resolve beside the output but does beside the input
+    STAR file (where the input's names point), rewritten relative to the output's folder; ``(names, rewritten)``."""
+    if input_dir is None:
+        return names, 0
+    moved = {}
+    for stack in {str(n).partition("@")[2] for n in names}:
+        if stack and not os.path.isabs(stack) and not (output_dir / stack).exists() and (input_dir / stack).exists():
+            moved[stack] = os.path.relpath(input_dir / stack, output_dir)
+    if not moved:
+        return names, 0
+
+    def fix(name: str) -> str:
+        number, at, stack = str(name).partition("@")
+        return f"{number}@{moved[stack]}" if at and stack in moved else name
+
+    return names.map(fix), len(moved)
+
+
+def write_substack(particles_star: Path, classes, output: Path, input_dir: Path | None = None) -> tuple[int, int]:
     """Writes the rows of ``particles_star`` whose ``rlnClassNumber`` is in ``classes`` to ``output``
-    (atomically), every other table (``optics``) unchanged; returns the number of particles written."""
+    (atomically), every other table (``optics``) unchanged. ``rlnImageName`` stack paths that resolve only from
+    ``input_dir`` (the input STAR file's folder) are rewritten relative to ``output``'s folder, so the substack
+    opens where it is written. Returns ``(particles written, stack paths rewritten)``."""
     particles_star = Path(particles_star)
     if not particles_star.is_file():
         raise StackError(f"{particles_star}: no such file; select from a finished run folder (it writes "
@@ -118,9 +141,13 @@ def write_substack(particles_star: Path, classes, output: Path) -> int:
         raise StackError(f"{particles_star}: no particle table with _rlnClassNumber; give a jisac run's particles.star")
     table = blocks[name]
     chosen = table[table["rlnClassNumber"].astype(int).isin(list(classes))].reset_index(drop=True)
+    rewritten = 0
+    if "rlnImageName" in chosen.columns:
+        names, rewritten = _relocate_image_names(chosen["rlnImageName"], input_dir, Path(output).resolve().parent)
+        chosen = chosen.assign(rlnImageName=names)
     with atomic_path(output) as tmp:
         starfile.write({**blocks, name: chosen}, tmp)
-    return len(chosen)
+    return len(chosen), rewritten
 
 
 def select(run_dir, classes=None, min_score: float | None = None, max_resolution_angst: float | None = None,
@@ -135,9 +162,13 @@ def select(run_dir, classes=None, min_score: float | None = None, max_resolution
         raise ValueError(f"{run_dir}: the run accepted no class, so there is nothing to select")
     chosen = choose_classes(table, classes, min_score, max_resolution_angst)
     output = Path(output) if output is not None else run_dir / DEFAULT_OUTPUT
-    n = write_substack(run_dir / "particles.star", chosen, output)
-    notes = []
     source = str((ranking.read_json(run_dir / "summary.json") or {}).get("input", ""))
+    input_dir = Path(source).parent if source.lower().endswith(".star") else None
+    n, rewritten = write_substack(run_dir / "particles.star", chosen, output, input_dir)
+    notes = []
+    if rewritten:
+        notes.append(f"rlnImageName: {rewritten} stack path(s) rewritten relative to {output.resolve().parent} "
+                     f"(they were relative to the input's folder, {input_dir})")
     if source.lower().endswith(".cs"):
         notes.append(f"the input was a cryoSPARC .cs file ({source}): a .cs substack is not written yet (planned); "
                      "import the STAR file with cryoSPARC's Import Particle Stack")
