@@ -63,7 +63,7 @@ def classify_pass(images, k: int, budget, mesh, full_table: bool = False) -> dic
 
     from jisac import align, filters, isac, memory
     from jisac.budget import plan as plan_chunks
-    from jisac.eqkmeans import assign_equal_size
+    from jisac.assignment import assign_equal_size
 
     p = isac.IsacParams()
     options = p.align

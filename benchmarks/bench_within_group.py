@@ -16,7 +16,6 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jisac import align, devices, sharding, synthetic, within_group
@@ -26,16 +25,10 @@ devices.use_all_cpu_cores()
 
 
 def stack(n: int, seed: int = 0):
-    phantom = synthetic.make_phantom(radius=25.0, seed=seed)
-    rot, tilt = synthetic.hemisphere_directions(max(1, n // 100))
-    views = np.asarray(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0.0), 76))
-    rng = np.random.default_rng(seed)
+    views, _ = synthetic.known_views(max(1, n // 100), 76, 25.0 / 0.85, seed=seed)
     labels = np.arange(n) * len(views) // n
-    q = T.make_transform(
-        rng.uniform(0, 360, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n), rng.integers(0, 2, n) > 0
-    )
-    parts = synthetic.add_noise(T.apply_transform(jnp.asarray(views[labels]), q), 0.3, jax.random.key(seed))
-    return np.asarray(parts), labels, len(views)
+    sim = synthetic.simulate(views, n, jax.random.key(seed), 0.3, max_shift=2.0, view=labels)
+    return np.asarray(sim.images), labels, len(views)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Preprocessing cache: the working stack and the pre-alignment shifts of a stack, reused by later runs on the same
+"""Workflow layer: Preprocessing cache: the working stack and the pre-alignment shifts of a stack, reused by later runs on the same
 data (a parameter sweep runs ISAC many times on one stack; pre-alignment and the working stack only depend on the
 input and a few settings).
 

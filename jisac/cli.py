@@ -1,4 +1,4 @@
-"""Command line: ``python -m jisac [key=value ...]`` (Hydra). Builds the config and calls the library."""
+"""Interface layer: Command line: ``python -m jisac [key=value ...]`` (Hydra). Builds the config and calls the library."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration layer (top): the Hydra schema (mutable dataclasses) and ``run_params``, the one conversion of a
+"""Configuration layer: the Hydra schema (mutable dataclasses) and ``run_params``, the one conversion of a
 composed configuration into the frozen parameters of a whole run. Nothing below ``jisac.run`` reads a config.
 
 Defaults and names follow SPHIRE's ``sp_isac2.py`` in lower case (``shared/isac_algorithm.md`` §1); the schema's

@@ -52,7 +52,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from jisac import align, average, filters
-from jisac.eqkmeans import assign_equal_size
+from jisac.assignment import assign_equal_size
 from jisac.filters import fourier_ring_correlation, frc_resolution
 from jisac.polar import RingGeometry
 from jisac.stability import StabilityResult, pixel_error_stability_classes
@@ -130,7 +130,7 @@ def reassign_with_run_averages(
     For every run ``j``: each class is averaged with run ``j``'s parameters of its members (low-passed with
     ``lowpass = (cutoff, falloff)`` if given, ISAC's final filter), every member is aligned to all the averages
     (multi-reference alignment about its run-``j`` centre, ``align.alignment_scores``) and the members are split
-    into classes of equal size (``eqkmeans.assign_equal_size``), as one EQ-K-means step of ISAC.
+    into classes of equal size (``assignment.assign_equal_size``), as one EQ-K-means step of ISAC.
 
     Args:
         runs: fields ``(c, L, n)``; member: ``(c, n)`` bool; images: ``(N, ny, nx)``; labels: ``(c, n)`` indices

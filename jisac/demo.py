@@ -1,4 +1,4 @@
-"""The built-in demo stack (what ``python -m jisac`` classifies with no input) and the alignment-engine demo.
+"""Workflow layer: The built-in demo stack (what ``python -m jisac`` classifies with no input) and the alignment-engine demo.
 
 ``demo_stack`` writes, once, a RELION stack of CTF-modulated noisy projections of a deterministic asymmetric
 phantom with known views (``particles.star`` + ``particles.mrcs`` in the user's cache folder) and returns it.
@@ -64,25 +64,17 @@ def demo_stack(
         return star_path, radius
     t0 = time.perf_counter()
     n = demo.n_particles
-    keys = jax.random.split(jax.random.key(seed), 8)
     phantom = synthetic.make_phantom(radius=0.9 * radius, seed=seed)
     rot, tilt = synthetic.hemisphere_directions(demo.n_views)
     views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0.0), box)
-    truth = np.asarray(jax.random.randint(keys[0], (n,), 0, demo.n_views))
-    moves = T.make_transform(
-        jax.random.uniform(keys[1], (n,), maxval=360.0),
-        jax.random.uniform(keys[2], (n,), minval=-demo.max_shift, maxval=demo.max_shift),
-        jax.random.uniform(keys[3], (n,), minval=-demo.max_shift, maxval=demo.max_shift),
-        jax.random.bernoulli(keys[4], 0.5, (n,)),
-    )
     rng = np.random.default_rng(seed)
     defocus = rng.uniform(10000.0, 25000.0, n)
     astig = rng.uniform(0.0, 1000.0, n)
     params = ctf.make_ctf_params(
         defocus + astig / 2, defocus - astig / 2, rng.uniform(0, 180, n), pixel_size_angst=pixel_size
     )
-    images = ctf.apply_ctf(T.apply_transform(views[truth], moves), params)
-    images = np.asarray(synthetic.add_noise(images, demo.snr, keys[5]))
+    sim = synthetic.simulate(views, n, jax.random.key(seed), demo.snr, demo.max_shift, ctf_params=params)
+    images, truth, moves = np.asarray(sim.images), sim.view, sim.moves
     directions = synthetic.euler_to_matrix(rot, tilt, 0.0)[:, 2]
     # the mirror image of a projection is the view from the opposite side
     sign = np.where(np.asarray(moves.mirror), -1.0, 1.0)[:, None]
@@ -120,22 +112,11 @@ def _angle_error(a, b):
 def make_demo_particles(isac: config.IsacConfig, demo: config.DemoConfig):
     """Clean views ``(k, n, n)``, particles ``(N, n, n)``, true view index ``(N,)`` and the applied transforms."""
     box, radius = isac.target_nx, isac.target_radius
-    keys = jax.random.split(jax.random.key(isac.rand_seed), 5)
-    phantom = synthetic.make_phantom(radius=0.85 * radius, seed=isac.rand_seed)
-    rot, tilt = synthetic.hemisphere_directions(demo.n_views)
     mask = filters.circular_mask(box, box, radius)
-    views = filters.normalize_in_mask(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0.0), box), mask)
-    n = demo.n_particles
-    truth = jax.random.randint(keys[0], (n,), 0, demo.n_views)
-    moves = T.make_transform(
-        jax.random.uniform(keys[1], (n,), maxval=360.0),
-        jax.random.uniform(keys[2], (n,), minval=-demo.max_shift, maxval=demo.max_shift),
-        jax.random.uniform(keys[3], (n,), minval=-demo.max_shift, maxval=demo.max_shift),
-        jax.random.bernoulli(keys[4], 0.5, (n,)),
-    )
-    particles = T.apply_transform(views[truth], moves)
-    particles = synthetic.add_noise(particles, demo.snr, jax.random.fold_in(keys[0], 1))
-    return views, particles, np.asarray(truth), moves
+    views, _ = synthetic.known_views(demo.n_views, box, radius, seed=isac.rand_seed)
+    views = filters.normalize_in_mask(views, mask)
+    sim = synthetic.simulate(views, demo.n_particles, jax.random.key(isac.rand_seed), demo.snr, demo.max_shift)
+    return views, sim.images, sim.view, sim.moves
 
 
 def run_alignment_demo(cfg: config.JisacConfig) -> dict:

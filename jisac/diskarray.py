@@ -1,4 +1,4 @@
-"""Image stacks on disk, read with plain file reads: :class:`DiskArray` and :func:`read_rows`.
+"""Data layer: Image stacks on disk, read with plain file reads: :class:`DiskArray` and :func:`read_rows`.
 
 Why not a memory map: every page of a memory map that has been read stays in the process's resident set until
 it is unmapped. The kernel may drop clean pages under pressure, but the peak RSS counts them, and so do the

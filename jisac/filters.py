@@ -1,4 +1,4 @@
-"""Fourier filters, shifts and masks on batches of square or rectangular images.
+"""Algorithm layer: Fourier filters, shifts and masks on batches of square or rectangular images.
 
 All functions take ``(..., ny, nx)`` float images and return float32 arrays of the same shape. Frequencies are
 absolute, in cycles per pixel (0.5 = Nyquist), as in SPHIRE (``shared/isac_algorithm.md`` §6).

@@ -1,4 +1,4 @@
-"""The ISAC2 generation loop (``shared/isac_algorithm.md`` §8-§10), on a preprocessed working stack.
+"""Algorithm layer: The ISAC2 generation loop (``shared/isac_algorithm.md`` §8-§10), on a preprocessed working stack.
 
 A *generation* runs SAC rounds on the working set: multi-reference alignment + equal-size assignment +
 filtered, centred averages (``n_filter_steps`` times, cutoff rising from ``fl`` to ``fh``), the averages put in a
@@ -18,7 +18,6 @@ a fixed seed 9023.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -29,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jisac import align, average, criteria, filters, rows, within_group
-from jisac.budget import Budget, backend_preset, default_budget, plan
-from jisac.eqkmeans import assign_equal_size
+from jisac.budget import Budget, Plan, backend_preset, default_budget, plan
+from jisac.assignment import assign_equal_size
 from jisac.polar import RingGeometry
 from jisac.transforms import Transform2D, apply_transform, compose, identity, make_transform, particle_centre
 
@@ -141,25 +140,55 @@ def make_params(target_radius: int = 29, xr: float = 1.0, yr: float | None = Non
     return IsacParams(align=options, **settings)
 
 
-@dataclasses.dataclass
-class ClassResult:
-    """One class at the end of a generation: its average (working frame), stable members (indices into the
-    working set of that generation) and their averaged parameters and pixel errors."""
+class ClassResult(NamedTuple):
+    """One class at the end of a SAC round: its average (working frame), its stable members (indices into the
+    working set of that generation), their averaged parameters and pixel errors, and how many members the class
+    had when it was tested (``candidates``: the stable share is ``len(members) / candidates``)."""
 
     average: np.ndarray
     members: np.ndarray
     params: Transform2D
     errors: np.ndarray
+    candidates: int
 
 
-@dataclasses.dataclass
-class GenerationResult:
-    """What one generation returns: every class (accepted or not) and the accepted ones' indices."""
+class GenerationResult(NamedTuple):
+    """What one generation returns: every class of its last SAC round (accepted or not), the accepted ones'
+    indices, how many SAC rounds ran and whether the stable sets converged before ``init_iter`` rounds."""
 
-    classes: list[ClassResult]
-    accepted: list[int]
+    classes: tuple[ClassResult, ...]
+    accepted: tuple[int, ...]
     sac_rounds: int
+    converged: bool
     seconds: float
+
+
+class SacState(NamedTuple):
+    """The state a generation carries from one step to the next (all for the ``n`` particles of its working set).
+
+    Attributes:
+        references: ``(k, nx, nx)`` current class references.
+        params: ``Transform2D`` with fields ``(n,)``: each particle's alignment onto its class.
+        labels: ``(n,)`` int class of each particle (after the last equal-size assignment).
+        key: the generation's PRNG key, split at every random step.
+    """
+
+    references: jax.Array
+    params: Transform2D
+    labels: np.ndarray
+    key: jax.Array
+
+
+class Steps(NamedTuple):
+    """Static settings of one generation's steps: ISAC's parameters, the chunk sizes ``plan`` chose for its class
+    count, the within-group schedule, the particle mask and the class count."""
+
+    p: IsacParams
+    options: align.AlignOptions
+    sizes: Plan
+    wg: within_group.WithinGroupOptions
+    mask: np.ndarray
+    n_classes: int
 
 
 def _class_mask(labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,158 +215,205 @@ def _recentre(averages: jax.Array, params: Transform2D, labels: np.ndarray, n_cl
     return averages, params
 
 
+def generation_steps(n: int, p: IsacParams, mesh=None, budget: Budget | None = None) -> Steps:
+    """The ``Steps`` of a generation of ``n`` particles: ``n // img_per_grp`` classes; chunk sizes from
+    ``budget`` (default: the backend's presets) for the mesh's device count (results do not depend on them)."""
+    k = n // p.img_per_grp
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    n_dev = 1 if mesh is None else mesh.size
+    sizes = plan(budget or default_budget(platform), p.align, k, p.target_nx, n_dev)
+    options = p.align._replace(particle_batch=sizes.particle_batch, reference_chunk=sizes.reference_chunk)
+    wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre,
+                                         cache_window=backend_preset("within_group_cache_window", platform))
+    mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
+    return Steps(p, options, sizes, wg, mask, k)
+
+
+def start_generation(images, key: jax.Array, steps: Steps) -> SacState:
+    """Initial references: ``k`` particles drawn at random (without replacement) from the generation's key."""
+    n = images.shape[0]
+    k_init, key = jax.random.split(key)
+    references = jnp.asarray(images[np.asarray(jax.random.choice(k_init, n, (steps.n_classes,), replace=False))])
+    return SacState(references, identity((n,)), np.zeros(n, np.int32), key)
+
+
+def mra_step(images, state: SacState, cutoff: float, steps: Steps, mesh=None) -> SacState:
+    """One EQ-K-means iteration (§8.1 steps 1-5): multi-reference alignment about each particle's centre,
+    equal-size assignment, filtered (``cutoff``) and centred averages, the averages put in a common frame."""
+    p, options, k = steps.p, steps.options, steps.n_classes
+    params, key = state.params, state.key
+    # 1-2. references (mean-subtracted in the mask) and multi-reference alignment about each centre
+    cx, cy = (np.asarray(c) for c in particle_centre(params))
+    far = (np.abs(cx) > p.max_centre) | (np.abs(cy) > p.max_centre)
+    params = Transform2D(*(jnp.where(far, jnp.zeros_like(f), f) for f in params))
+    # Only the (n, k) scores are kept on the host (4 bytes per pair: 0.8 GB at 200,000 x 1,000); the per-pair
+    # parameters would add 13 bytes per pair, and only the assigned pair's are used.
+    masked_refs = filters.subtract_masked_mean(state.references, steps.mask)
+    bank = align.prepare_references(masked_refs, options)
+    scores = align.alignment_scores(images, bank, options, params=params, mesh=mesh,
+                                    particle_chunk=steps.sizes.particle_chunk)
+    del bank
+    # 3. equal-size assignment, then each particle's parameters for its class: the same search against that one
+    # reference (1/k of the MRA's work), i.e. the table's entry for the pair up to rounding.
+    labels = np.asarray(assign_equal_size(scores))
+    del scores
+    params, _ = align.align_to_assigned(images, align.prepare_assigned_references(masked_refs, options), labels,
+                                        options, params=params, mesh=mesh, particle_chunk=steps.sizes.particle_chunk)
+    # 4. filtered, centred averages
+    averages = average.class_averages(images, params, labels, k, mesh=mesh)
+    averages = filters.tanh_lowpass(averages, cutoff, p.ff)
+    averages, params = _recentre(averages, params, labels, k)
+    # 5. the averages in a common frame
+    key, k_common = jax.random.split(key)
+    _, avg_params = within_group.within_group_alignment(
+        np.asarray(averages), np.zeros(k, np.int32), 1, k_common, options, steps.wg
+    )
+    references = apply_transform(jnp.asarray(averages), avg_params)
+    params = compose(params, jax.tree.map(lambda a: a[labels], avg_params))
+    return SacState(references, params, labels, key)
+
+
+def _within_group_runs(images, state: SacState, n_runs: int, steps: Steps, mesh):
+    """``n_runs`` independent within-group alignments of every class: ``(state with the key advanced, last
+    run's averages, [each run's parameters])``."""
+    key, runs, avgs = state.key, [], None
+    for _ in range(n_runs):
+        key, k_run = jax.random.split(key)
+        avgs, wparams = within_group.within_group_alignment(
+            images, state.labels, steps.n_classes, k_run, steps.options, steps.wg, state.params, mesh,
+            max_particles=steps.sizes.within_group_particles,
+        )
+        runs.append(wparams)
+    return state._replace(key=key), avgs, runs
+
+
+def realign_round(images, state: SacState, steps: Steps, mesh=None) -> SacState:
+    """A within-group round without the stability test (rounds whose index is not a multiple of
+    ``iter_reali``): one alignment of every class; its averages become the references."""
+    state, avgs, runs = _within_group_runs(images, state, 1, steps, mesh)
+    return state._replace(references=avgs, params=runs[-1])
+
+
+def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
+                    ) -> tuple[SacState, tuple[ClassResult, ...]]:
+    """A within-group round with the stability test (§8.1 step 7, §9): ``stab_ali`` independent alignments of
+    every class, the criterion's verdict per member, and the classes' averages of their stable members (the new
+    references). Stable members take their averaged parameters, the others the last run's."""
+    n, k = images.shape[0], steps.n_classes
+    state, _, run_params = _within_group_runs(images, state, steps.p.stab_ali, steps, mesh)
+    labels, key = state.labels, state.key
+    index, member = _class_mask(labels, k)
+    safe = np.maximum(index, 0)
+    runs = jax.tree.map(lambda *a: jnp.stack(a)[:, safe].transpose(1, 0, 2), *run_params)  # (k, L, n_max)
+    res = criterion.score(runs, jnp.asarray(member), images=images, labels=index)
+    stable = np.asarray(res.stable) & member
+    params = run_params[-1]  # unstable members keep the last run's parameters
+    # Class averages of the stable members only (SPHIRE tops a class up to 5 members with random others at
+    # zero parameters, so that it still gives a reference for the next round).
+    avg_labels = np.full(n, -1, np.int32)
+    avg_params = Transform2D(*(np.zeros(n, np.asarray(f).dtype) for f in params))
+    found = []
+    for c in range(k):
+        idx = index[c][stable[c]]
+        c_params = Transform2D(*(np.asarray(a[c])[stable[c]] for a in res.params))
+        avg_labels[idx] = c
+        for f_all, f_c in zip(avg_params, c_params):
+            f_all[idx] = f_c
+        if len(idx) < 5:
+            pool = np.setdiff1d(index[c][member[c]], idx)
+            extra = np.asarray(jax.random.permutation(jax.random.fold_in(key, c), pool))[: 5 - len(idx)]
+            avg_labels[extra] = c
+        found.append((idx, c_params, np.asarray(res.error[c])[stable[c]], int(member[c].sum())))
+    references = filters.tanh_lowpass(
+        average.class_averages(images, avg_params, avg_labels, k, mesh=mesh), steps.p.fh, steps.p.ff
+    )
+    classes = tuple(ClassResult(np.asarray(references[c]), idx, c_params, errors, size)
+                    for c, (idx, c_params, errors, size) in enumerate(found))
+    # stable members take their averaged parameters (already gathered in avg_params)
+    is_stable = np.zeros(n, bool)
+    is_stable[np.concatenate([c.members for c in classes]).astype(np.int64)] = True
+    params = Transform2D(*(jnp.where(is_stable, a, f) for a, f in zip(avg_params, params)))
+    return SacState(references, params, labels, key), classes
+
+
+def agreement(previous: tuple[ClassResult, ...], current: tuple[ClassResult, ...]) -> float:
+    """Overlap of two rounds' stable sets, class by class: ``|intersection| / |union|`` summed over classes."""
+    inter = sum(len(np.intersect1d(a.members, b.members)) for a, b in zip(previous, current))
+    union = sum(len(a.members) for a in previous) + sum(len(b.members) for b in current) - inter
+    return inter / union if union else 0.0
+
+
 def run_generation(
-    images: np.ndarray,
+    images,
     key: jax.Array,
     p: IsacParams,
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[str], None] | None = None,
-    criterion=None,
+    criterion: criteria.Criterion | None = None,
     budget: Budget | None = None,
 ) -> GenerationResult:
     """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default; NumPy,
-    a stack on disk (``jisac.diskarray.DiskArray``) or a lazy ``rows.Rows`` view).
+    a stack on disk (``jisac.diskarray.DiskArray``) or a lazy ``rows.Rows`` view): SAC rounds of ``mra_step``
+    (``n_filter_steps`` times) then ``stability_round`` (or ``realign_round``), until the stable sets converge
+    (SPHIRE's rule: agreement above 0.5 and rising by less than 0.05) or ``init_iter`` rounds ran.
 
     ``criterion``: a stability criterion (``criteria.make_criterion``); default ISAC2's pixel error with
     ``p.thld_err`` and the particle radius ``p.target_radius``. ``budget``: memory budgets that set the chunk
-    sizes (``plan``; default: the backend's presets, ``default_budget``); results do not depend
-    on it, nor on the mesh's device count.
+    sizes (``budget.plan``; default: the backend's presets); results do not depend on it, nor on the mesh's
+    device count.
     """
     if criterion is None:
         criterion = criteria.pixel_error_criterion(p.thld_err, float(p.target_radius))
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
     n = images.shape[0]
-    k = n // p.img_per_grp
-    mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
-    options = p.align
-    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-    n_dev = 1 if mesh is None else mesh.size
-    sizes = plan(budget or default_budget(platform), options, k, p.target_nx, n_dev)
-    options = options._replace(particle_batch=sizes.particle_batch, reference_chunk=sizes.reference_chunk)
-    wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre,
-                                         cache_window=backend_preset("within_group_cache_window", platform))
-    k_init, key = jax.random.split(key)
-    references = jnp.asarray(images[np.asarray(jax.random.choice(k_init, n, (k,), replace=False))])
-    params = identity((n,))
-    previous: list[set] = []
-    prev_agreement = 0.0
-    classes: list[ClassResult] = []
+    steps = generation_steps(n, p, mesh, budget)
+    state = start_generation(images, key, steps)
+    previous, prev_agreement = None, 0.0
+    classes: tuple[ClassResult, ...] = ()
+    converged = False
     sac_round = 0
-    while sac_round < p.init_iter:
+    while sac_round < p.init_iter and not converged:
         for step in range(p.n_filter_steps):
             cutoff = p.fl + step * p.filter_step
-            # 1-2. references (mean-subtracted in the mask) and multi-reference alignment about each centre
-            cx, cy = (np.asarray(c) for c in particle_centre(params))
-            far = (np.abs(cx) > p.max_centre) | (np.abs(cy) > p.max_centre)
-            params = Transform2D(*(jnp.where(far, jnp.zeros_like(f), f) for f in params))
-            # Only the (n, k) scores are kept on the host (4 bytes per pair: 0.8 GB at 200,000 x 1,000); the
-            # per-pair parameters would add 13 bytes per pair, and only the assigned pair's are used.
-            masked_refs = filters.subtract_masked_mean(references, mask)
-            bank = align.prepare_references(masked_refs, options)
-            scores = align.alignment_scores(images, bank, options, params=params, mesh=mesh,
-                                            particle_chunk=sizes.particle_chunk)
-            del bank
-            # 3. equal-size assignment, then each particle's parameters for its class: the same search against
-            # that one reference (1/k of the MRA's work), i.e. the table's entry for the pair up to rounding.
-            labels = np.asarray(assign_equal_size(scores))
-            del scores
-            params, _ = align.align_to_assigned(images, align.prepare_assigned_references(masked_refs, options),
-                                                labels, options, params=params, mesh=mesh,
-                                                particle_chunk=sizes.particle_chunk)
-            # 4. filtered, centred averages
-            averages = average.class_averages(images, params, labels, k, mesh=mesh)
-            averages = filters.tanh_lowpass(averages, cutoff, p.ff)
-            averages, params = _recentre(averages, params, labels, k)
-            # 5. the averages in a common frame
-            key, k_common = jax.random.split(key)
-            _, avg_params = within_group.within_group_alignment(
-                np.asarray(averages), np.zeros(k, np.int32), 1, k_common, options, wg
-            )
-            references = apply_transform(jnp.asarray(averages), avg_params)
-            params = compose(params, jax.tree.map(lambda a: a[labels], avg_params))
+            state = mra_step(images, state, cutoff, steps, mesh)
             say(f"SAC round {sac_round + 1}, MRA {step + 1}/{p.n_filter_steps} (cutoff {cutoff:.2f}): "
-                f"{n} particles in {k} classes")
-        # 7. within-group round, with the stability test when due
+                f"{n} particles in {steps.n_classes} classes")
         tested = sac_round % p.iter_reali == 0
         sac_round += 1
-        n_runs = p.stab_ali if tested else 1
-        run_params = []
-        for _ in range(n_runs):
-            key, k_run = jax.random.split(key)
-            avgs, wparams = within_group.within_group_alignment(
-                images, labels, k, k_run, options, wg, params, mesh, max_particles=sizes.within_group_particles
-            )
-            run_params.append(wparams)
         if not tested:
-            references = avgs
-            params = run_params[-1]
+            state = realign_round(images, state, steps, mesh)
             continue
-        index, member = _class_mask(labels, k)
-        safe = np.maximum(index, 0)
-        runs = jax.tree.map(lambda *a: jnp.stack(a)[:, safe].transpose(1, 0, 2), *run_params)  # (k, L, n_max)
-        res = criterion.score(runs, jnp.asarray(member), images=images, labels=index)
-        stable = np.asarray(res.stable) & member
-        params = run_params[-1]  # unstable members keep the last run's parameters
-        # Class averages of the stable members only (SPHIRE tops a class up to 5 members with random others at
-        # zero parameters, so that it still gives a reference for the next round).
-        avg_labels = np.full(n, -1, np.int32)
-        avg_params = Transform2D(*(np.zeros(n, np.asarray(f).dtype) for f in params))
-        classes, current = [], []
-        for c in range(k):
-            idx = index[c][stable[c]]
-            c_params = Transform2D(*(np.asarray(a[c])[stable[c]] for a in res.params))
-            avg_labels[idx] = c
-            for f_all, f_c in zip(avg_params, c_params):
-                f_all[idx] = f_c
-            if len(idx) < 5:
-                pool = np.setdiff1d(index[c][member[c]], idx)
-                extra = np.asarray(jax.random.permutation(jax.random.fold_in(key, c), pool))[: 5 - len(idx)]
-                avg_labels[extra] = c
-            classes.append(ClassResult(None, idx, c_params, np.asarray(res.error[c])[stable[c]]))
-            current.append(set(idx.tolist()))
-        references = filters.tanh_lowpass(
-            average.class_averages(images, avg_params, avg_labels, k, mesh=mesh), p.fh, p.ff
-        )
-        for c, cls in enumerate(classes):
-            cls.average = np.asarray(references[c])
-        # stable members take their averaged parameters (already gathered in avg_params)
-        is_stable = np.zeros(n, bool)
-        is_stable[np.concatenate([c.members for c in classes]).astype(np.int64)] = True
-        params = Transform2D(*(jnp.where(is_stable, a, f) for a, f in zip(avg_params, params)))
-        n_stable = int(is_stable.sum())
-        say(f"SAC round {sac_round}: {n_stable}/{n} particles stable in {k} classes")
-        # 8. convergence of the stable member sets
-        if previous:
-            inter = sum(len(a & b) for a, b in zip(previous, current))
-            union = sum(map(len, previous)) + sum(map(len, current)) - inter
-            agreement = inter / union if union else 0.0
-            converged = agreement > 0.5 and 0.0 < agreement - prev_agreement < 0.05
-            prev_agreement = agreement
-            if converged:
-                break
-        previous = current
-    accepted = [c for c, cls in enumerate(classes) if len(cls.members) > p.minimum_grp_size]
-    return GenerationResult(classes, accepted, sac_round, time.perf_counter() - t0)
+        state, classes = stability_round(images, state, steps, criterion, mesh)
+        n_stable = sum(len(c.members) for c in classes)
+        say(f"SAC round {sac_round}: {n_stable}/{n} particles stable in {steps.n_classes} classes")
+        if previous is not None:
+            now = agreement(previous, classes)
+            converged = now > 0.5 and 0.0 < now - prev_agreement < 0.05
+            prev_agreement = now
+        previous = classes
+    accepted = tuple(c for c, cls in enumerate(classes) if len(cls.members) > p.minimum_grp_size)
+    return GenerationResult(classes, accepted, sac_round, converged, time.perf_counter() - t0)
 
 
-@dataclasses.dataclass
-class IsacState:
+class IsacState(NamedTuple):
     """Everything a run carries from one generation to the next (a checkpoint restores it exactly).
 
-    Indices are into the input stack. ``params`` rows are ``(angle, shift_x, shift_y, mirror)`` in the working
+    Indices are into the working stack. ``params`` rows are ``(angle, shift_x, shift_y, mirror)`` in the working
     frame, relative to the pre-aligned image (SPHIRE's ``all_parameters.txt``); ``class_of`` is the 0-based
-    accepted class (-1: unaccounted).
+    accepted class (-1: unaccounted). Per accepted class (in acceptance order): ``averages``, ``members`` and
+    ``candidates`` (the class's size when it was tested); ``history`` has one dict per finished generation.
     """
 
     generation: int
     pool: np.ndarray
-    averages: list
-    members: list
+    averages: tuple
+    members: tuple
+    candidates: tuple
     params: np.ndarray
     errors: np.ndarray
     class_of: np.ndarray
-    history: list
+    history: tuple
     empty_generations: int = 0
     done: bool = False
 
@@ -346,13 +422,18 @@ class IsacState:
         return cls(
             generation=0,
             pool=np.arange(n),
-            averages=[],
-            members=[],
+            averages=(),
+            members=(),
+            candidates=(),
             params=np.zeros((n, 4), np.float32),
             errors=np.full(n, np.nan, np.float32),
             class_of=np.full(n, -1, np.int64),
-            history=[],
+            history=(),
         )
+
+    @property
+    def accounted(self) -> int:
+        return int((self.class_of >= 0).sum())
 
 
 def keep_going(p: IsacParams, generation: int, n_bad: int, n_new_good: int, empty_generations: int) -> bool:
@@ -369,6 +450,45 @@ def keep_going(p: IsacParams, generation: int, n_bad: int, n_new_good: int, empt
     return p.main_iter_limit < 0 or generation < p.main_iter_limit
 
 
+def accept_generation(state: IsacState, result: GenerationResult, work_idx: np.ndarray, p: IsacParams) -> IsacState:
+    """The run state after a generation on the pool ``work_idx``: its accepted classes' stable members become
+    accounted (with their parameters and pixel errors), the rest stay in the pool. Pure: ``state`` is unchanged."""
+    g = state.generation + 1
+    params, errors, class_of = state.params.copy(), state.errors.copy(), state.class_of.copy()
+    averages, members, candidates = list(state.averages), list(state.members), list(state.candidates)
+    n_good = 0
+    for c in result.accepted:
+        cls = result.classes[c]
+        m = work_idx[cls.members]
+        averages.append(cls.average)
+        members.append(m)
+        candidates.append(cls.candidates)
+        params[m] = np.stack([np.asarray(f, np.float32) for f in cls.params], -1)
+        errors[m] = cls.errors
+        class_of[m] = len(averages) - 1
+        n_good += len(m)
+    taken = (np.concatenate([work_idx[result.classes[c].members] for c in result.accepted])
+             if result.accepted else np.array([], int))
+    pool = np.setdiff1d(work_idx, taken)
+    empty = 0 if result.accepted else state.empty_generations + 1
+    row = {
+        "generation": g,
+        "particles": int(len(work_idx)),
+        "classes": len(result.classes),
+        "accepted_classes": len(result.accepted),
+        "accounted": n_good,
+        "accounted_total": int((class_of >= 0).sum()),
+        "sac_rounds": result.sac_rounds,
+        "converged": bool(result.converged),
+        "seconds": round(result.seconds, 3),
+    }
+    return IsacState(
+        generation=g, pool=pool, averages=tuple(averages), members=tuple(members), candidates=tuple(candidates),
+        params=params, errors=errors, class_of=class_of, history=state.history + (row,), empty_generations=empty,
+        done=not keep_going(p, g, len(pool), len(result.accepted), empty),
+    )
+
+
 def run_isac(
     images,
     p: IsacParams,
@@ -377,7 +497,7 @@ def run_isac(
     mesh: jax.sharding.Mesh | None = None,
     on_generation: Callable[[IsacState, GenerationResult, np.ndarray], None] | None = None,
     progress: Callable[[str], None] | None = None,
-    criterion=None,
+    criterion: criteria.Criterion | None = None,
     budget: Budget | None = None,
 ) -> IsacState:
     """Runs (or, given a checkpointed ``state``, resumes) ISAC on a working stack ``(n, nx, nx)``.
@@ -398,35 +518,10 @@ def run_isac(
         say(f"generation {g}: {len(work_idx)} particles in {len(work_idx) // p.img_per_grp} classes")
         working = rows.take_rows(images, work_idx)
         result = run_generation(working, jax.random.fold_in(root, g), p, mesh, progress, criterion, budget)
-        n_good = 0
-        for c in result.accepted:
-            cls = result.classes[c]
-            members = work_idx[cls.members]
-            state.averages.append(cls.average)
-            state.members.append(members)
-            state.params[members] = np.stack([np.asarray(f, np.float32) for f in cls.params], -1)
-            state.errors[members] = cls.errors
-            state.class_of[members] = len(state.averages) - 1
-            n_good += len(members)
-        state.pool = np.setdiff1d(work_idx,
-                                  np.concatenate([work_idx[result.classes[c].members] for c in result.accepted])
-                                  if result.accepted else np.array([], int))
-        state.generation = g
-        state.empty_generations = 0 if result.accepted else state.empty_generations + 1
-        state.history.append({
-            "generation": g,
-            "particles": int(len(work_idx)),
-            "classes": len(result.classes),
-            "accepted_classes": len(result.accepted),
-            "accounted": n_good,
-            "accounted_total": int((state.class_of >= 0).sum()),
-            "sac_rounds": result.sac_rounds,
-            "seconds": round(result.seconds, 3),
-        })
+        state = accept_generation(state, result, work_idx, p)
         say(f"generation {g}: accepted {len(result.accepted)}/{len(result.classes)} classes, "
-            f"{n_good} particles; accounted so far {int((state.class_of >= 0).sum())}/{n} "
+            f"{state.history[-1]['accounted']} particles; accounted so far {state.accounted}/{n} "
             f"({result.seconds:.0f} s)")
-        state.done = not keep_going(p, g, len(state.pool), len(result.accepted), state.empty_generations)
         if on_generation is not None:
             on_generation(state, result, work_idx)
     return state

@@ -1,4 +1,4 @@
-"""Polar geometry: the rings ISAC correlates on, resampling onto them, and their angular spectra.
+"""Algorithm layer: Polar geometry: the rings ISAC correlates on, resampling onto them, and their angular spectra.
 
 The layout is GPU ISAC's regular one (``shared/isac_algorithm.md`` §5.1, §13): rings of radius
 ``first_ring, first_ring + ring_step, ..., last_ring`` (shrunken pixels), every ring sampled at ``n_angles`` (256)

@@ -1,4 +1,4 @@
-"""ISAC's per-image preparation of the working stack (``shared/isac_algorithm.md`` §3.2-3.4).
+"""Algorithm layer: ISAC's per-image preparation of the working stack (``shared/isac_algorithm.md`` §3.2-3.4).
 
 For each original image, in SPHIRE's order:
 

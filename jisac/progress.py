@@ -1,4 +1,4 @@
-"""Presentation layer: progress of long stages that a person can read, in a terminal and in a log.
+"""Interface layer: progress of long stages that a person can read, in a terminal and in a log.
 
 One small API for every long stage (pre-alignment passes, SAC rounds, MRA steps, generations)::
 

@@ -1,4 +1,4 @@
-"""Presentation layer: a per-class quality score in [0, 1] from what a finished run knows, and the per-class table
+"""Interface layer: a per-class quality score in [0, 1] from what a finished run knows, and the per-class table
 of a run folder (members, stable share, pixel error, resolution, score) that the report and the selection read.
 
 The score (:func:`class_scores`) is a weighted mean of four terms, each in [0, 1] and each increasing with quality:
@@ -36,8 +36,11 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+import mrcfile
 import numpy as np
 import pandas as pd
+
+from jisac.io.hdf import HdfImageFile
 
 WEIGHTS = {"stable": 0.4, "alignment": 0.3, "resolution": 0.2, "size": 0.1}
 REFERENCE_FREQUENCY = 0.25  # cycles/px: half Nyquist, where the alignment term measures the signal kept
@@ -116,7 +119,6 @@ def read_json(path: Path):
 def read_stack(path: Path) -> np.ndarray | None:
     """An MRC(S) stack as float32 ``(n, ny, nx)``, or ``None`` when missing or unreadable (a run in progress may
     be renaming it)."""
-    import mrcfile
 
     try:
         with mrcfile.open(path, permissive=True) as f:
@@ -129,11 +131,7 @@ def read_stack(path: Path) -> np.ndarray | None:
 def averages_pixel_size(run_dir: Path, beautified: bool = False) -> float | None:
     """Å per pixel of a run's averages: the run's own (working frame) from ``ordered_class_averages.hdf``'s
     ``EMAN.apix_x`` (class_averages.mrcs' header may say 1), the beautifier's from its MRC header."""
-    import mrcfile
-
     if not beautified:
-        from jisac.io.hdf import HdfImageFile
-
         try:
             f = HdfImageFile(run_dir / "ordered_class_averages.hdf")
         except (OSError, ValueError):  # StackError is a ValueError

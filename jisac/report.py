@@ -1,4 +1,4 @@
-"""Presentation layer: a run folder (or a sweep folder) as one self-contained HTML page, ``report.html``.
+"""Interface layer: a run folder (or a sweep folder) as one self-contained HTML page, ``report.html``.
 
 Open it with any web browser, by double-click or ``file://``; it needs no server and no network: the averages are
 embedded as PNG data URIs, the plot is inline SVG, the style and the small sorting script are inline. It shows
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jisac import ranking
+from jisac import ranking, sweep
 from jisac.io.atomic import atomic_path
 
 REPORT = "report.html"
@@ -398,8 +398,6 @@ def write_sweep_report(sweep_dir, max_averages: int = 60) -> Path:
     """Writes ``sweep_dir/report.html``: a row per job (swept values, status, classes, accounted share, a link
     to the job's ``report.html``, written here too) with the job's averages side by side (the first
     ``max_averages``)."""
-    from jisac import sweep
-
     sweep_dir = Path(sweep_dir)
     table, swept, common = sweep.collect(sweep_dir)
     if table.empty:
@@ -436,6 +434,22 @@ def write_sweep_report(sweep_dir, max_averages: int = 60) -> Path:
     return _write(sweep_dir / REPORT, _page(f"jisac sweep {sweep_dir.resolve().name}", body))
 
 
+class SweepReport(sweep.SweepSummary):
+    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): when a multirun ends, the sweep summary
+    (``sweep.SweepSummary``) and then the sweep's ``report.html`` (each job's report linked, averages side by side).
+    A report that cannot be written never changes the sweep's exit status."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            super().on_multirun_end(config, **kwargs)
+        finally:
+            try:
+                write_sweep_report(sweep_dir)
+            except Exception as err:  # noqa: BLE001
+                print(f"jisac: could not write {sweep_dir / 'report.html'}: {err}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m jisac.report DIR``: writes DIR/report.html for a run folder or a sweep folder."""
     parser = argparse.ArgumentParser(prog="python -m jisac.report", description=main.__doc__)
@@ -443,9 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     try:
-        from jisac.sweep import job_folders
-
-        is_sweep = not (folder / "summary.json").is_file() and bool(job_folders(folder))
+        is_sweep = not (folder / "summary.json").is_file() and bool(sweep.job_folders(folder))
         path = write_sweep_report(folder) if is_sweep else write_report(folder)
     except (OSError, ValueError) as err:
         print(f"jisac.report: error: {err}", file=sys.stderr)

@@ -1,17 +1,11 @@
-"""ISAC from a configuration: a particle stack in, classes and RELION/SPHIRE files out.
+"""Workflow layer: ISAC from run parameters, a particle stack in, every output file out.
 
 Steps (``shared/isac_algorithm.md`` §3, §10): open the stack (STAR, MRCS, HDF or .cs; the built-in demo stack when
-none is given) and check everything that can be checked before heavy work; pre-align shrunk copies for centring
-(§3.1); prepare the working stack (phase flip, shift, shrink to ``target_radius``, box ``target_nx``, normalise;
-§3.2) — both reused from the preprocessing cache (``jisac.cache``) when an earlier run made them; classify with
-checkpoints (``pipeline.classify``); then write the field's formats:
-
-- ``ordered_class_averages.hdf``: EMAN2/SPHIRE HDF, ``EMAN.members`` (0-based input indices) and ``EMAN.n_objects``;
-- ``class_averages.mrcs`` + ``class_averages.star``: the same averages, class k at index k-1;
-- ``particles.star``: every input particle in input order with the input's columns, ``rlnClassNumber`` (0 =
-  unaccounted), ``rlnAnglePsi``, ``rlnOriginXAngst``, ``rlnOriginYAngst`` (pre-alignment composed with ISAC's
-  parameters, input pixel size, RELION's convention), ``jisacMirror`` and ``jisacPixelError``;
-- ``accounted.star``: the accounted particles only.
+none is given) and turn the configuration into ``config.RunParams`` (every option checked before heavy work);
+pre-align shrunk copies for centring (§3.1); prepare the working stack (phase flip, shift, shrink to
+``target_radius``, box ``target_nx``, normalise; §3.2) — both reused from the preprocessing cache
+(``jisac.cache``) when an earlier run made them; classify with checkpoints (``pipeline.classify``); then write
+every output file once from the result (``io.outputs.write_run``) and the report page (``jisac.report``).
 """
 
 from __future__ import annotations
@@ -23,18 +17,14 @@ import time
 from pathlib import Path
 
 import jax
-import mrcfile
 import numpy as np
-import pandas as pd
-import starfile
 
 from jisac import cache, config, ctf, devices, io, memory, pipeline, prealign, preprocess, rows, sharding
+from jisac import report as html_report
 from jisac.budget import working_stack_on_disk
 from jisac.demo import demo_stack
 from jisac.diskarray import DiskArray
-from jisac.io import hdf, star
-from jisac.io.atomic import atomic_path, write_json
-from jisac.transforms import Transform2D, to_input_frame, to_relion
+from jisac.io import outputs
 
 log = logging.getLogger("jisac")
 
@@ -114,26 +104,40 @@ def run(cfg: config.JisacConfig) -> dict:
                                                          timings, mesh, disk, report)
 
     data_id = (_stack_id(str(path)), prep.radius, prep.ctf, prep.vpp, rp.skip_prealignment)
-    summary = pipeline.classify(
-        images, p, out, seed=rp.seed, data_id=repr(data_id), restart=rp.restart,
-        mesh=mesh, criterion=rp.criterion, budget=budget,
+    result = pipeline.classify(
+        images, p, out, seed=rp.seed, data_id=repr(data_id), restart=rp.restart, mesh=mesh,
+        criterion=rp.criterion, budget=budget, pixel_size=pixel_size / s,
+        after_generation=lambda state: _refresh_report(out),
     )
     report.record("isac")
-    if sharding.is_main_process():
-        write_relion_and_sphire(out, stack, summary, p, shifts, s, pixel_size, keep)
-        if disk is not None:  # the scratch stacks (read with plain reads: nothing holds them open)
-            for scratch in (disk, disk.with_name("prealign_stack.mrcs")):
-                scratch.unlink(missing_ok=True)
     timings["total"] = round(time.perf_counter() - t0, 2)
-    summary["seconds"].update(timings)
-    summary["input"] = str(path)
-    summary["cache"] = cache_record
+    result = result._replace(seconds={**result.seconds, **timings}).on_stack(keep, n)
     report.record("outputs")
-    summary["memory"] = {"devices": mesh.size, "processes": jax.process_count(), "stages": report.stages}
-    summary["peak_rss_mb"] = report.stages["outputs"]["peak_rss_mb"]
-    if sharding.is_main_process():
-        write_json(out / "summary.json", summary)
+    extra = {
+        "input": str(path),
+        "cache": cache_record,
+        "memory": {"devices": mesh.size, "processes": jax.process_count(), "stages": report.stages},
+        "peak_rss_mb": report.stages["outputs"]["peak_rss_mb"],
+    }
+    if not sharding.is_main_process():
+        return {**outputs.summary_of(result), **extra}
+    frame = outputs.InputFrame(stack.metadata, pixel_size, box, s, shifts, str(path))
+    summary = outputs.write_run(out, result, frame, extra)
+    if disk is not None:  # the scratch stacks (read with plain reads: nothing holds them open)
+        for scratch in (disk, disk.with_name("prealign_stack.mrcs")):
+            scratch.unlink(missing_ok=True)
+    _refresh_report(out)
+    log.info("outputs: %s (class averages), %s (open it in a browser)", out / "class_averages.mrcs",
+             out / "report.html")
     return summary
+
+
+def _refresh_report(out: Path) -> None:
+    """Rewrites ``report.html``; a report that cannot be written must never fail the run."""
+    try:
+        html_report.write_report(out)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not write %s: %s", out / "report.html", err)
 
 
 def _kept(images, keep: np.ndarray):
@@ -233,66 +237,3 @@ def _finite_particles(stack, drop: bool, digest=None) -> np.ndarray:
     if bad:
         log.warning("leaving out %d particle(s) with NaN or Inf pixels (data.drop_nonfinite=true)", len(bad))
     return np.setdiff1d(np.arange(len(stack)), np.asarray(bad, np.int64))
-
-
-def _expand_bookkeeping(out: Path, n: int, keep: np.ndarray):
-    """Rewrites the per-particle files of a run on the kept particles for the whole input stack."""
-    classes = np.loadtxt(out / "particle_classes.txt", ndmin=2)
-    params = np.loadtxt(out / "all_parameters.txt", ndmin=2)
-    full_classes = np.zeros((n, 2))
-    full_classes[:, 1] = np.nan
-    full_params = np.tile([0.0, 0.0, 0.0, -1.0], (n, 1))
-    full_classes[keep], full_params[keep] = classes, params
-    _write_table = pipeline._write_table
-    _write_table(out / "particle_classes.txt", full_classes, ["%d", "%.4f"])
-    _write_table(out / "all_parameters.txt", full_params, ["%.4f", "%.4f", "%.4f", "%d"])
-    _write_table(out / "processed_images.txt", np.nonzero(full_classes[:, 0] > 0)[0], "%d")
-    _write_table(out / "not_processed_images.txt", np.nonzero(full_classes[:, 0] == 0)[0], "%d")
-
-
-def write_relion_and_sphire(out: Path, stack, summary: dict, p, shifts: np.ndarray, s: float, pixel_size: float,
-                            keep: np.ndarray | None = None):
-    """particles.star, accounted.star, class_averages.star and ordered_class_averages.hdf from the run's files
-    (``keep``: the input indices the run classified, when particles were left out)."""
-    n = len(stack)
-    if keep is not None and len(keep) < n:
-        _expand_bookkeeping(out, n, keep)
-    classes = np.loadtxt(out / "particle_classes.txt", ndmin=2)
-    class_number = classes[:, 0].astype(int)
-    errors = classes[:, 1]
-    params = np.loadtxt(out / "all_parameters.txt", ndmin=2)
-    accounted = class_number > 0
-    # Full 2D alignment in input pixels: the pre-alignment shift first, then ISAC's (working pixels / s).
-    full = to_input_frame(shifts, Transform2D(*(params[:, i] for i in range(3)), params[:, 3] > 0), s)
-    full = Transform2D(*(np.where(accounted, np.asarray(f), np.zeros_like(np.asarray(f))) for f in full))
-    psi, ox, oy, mirror = (np.asarray(v) for v in to_relion(full, pixel_size))
-    new = pd.DataFrame({
-        "rlnClassNumber": class_number,
-        "rlnAnglePsi": psi,
-        "rlnOriginXAngst": ox,
-        "rlnOriginYAngst": oy,
-        "jisacMirror": mirror.astype(int),
-        "jisacPixelError": np.nan_to_num(errors, nan=-1.0),
-    })
-    star.write_particle_star(
-        out / "particles.star", stack.metadata, new, pixel_size=pixel_size, box_size=stack.box_size
-    )
-    if accounted.any():
-        star.write_particle_star(
-            out / "accounted.star", stack.metadata[accounted].reset_index(drop=True),
-            new[accounted].reset_index(drop=True), pixel_size=pixel_size, box_size=stack.box_size,
-        )
-    if summary["classes"]:
-        averages = mrcfile.read(out / "class_averages.mrcs")
-        averages = averages[None] if averages.ndim == 2 else averages
-        members = [np.nonzero(class_number == k + 1)[0] for k in range(len(averages))]
-        working_pixel = pixel_size / s
-        hdf.write_class_averages(out / "ordered_class_averages.hdf", averages, members, working_pixel)
-        table = pd.DataFrame({
-            "rlnReferenceImage": [f"{k + 1}@class_averages.mrcs" for k in range(len(averages))],
-            "rlnClassNumber": np.arange(1, len(averages) + 1),
-            "rlnClassDistribution": [len(m) / n for m in members],
-            "jisacMembers": [len(m) for m in members],
-        })
-        with atomic_path(out / "class_averages.star") as tmp:
-            starfile.write({"model_classes": table}, tmp)

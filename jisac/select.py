@@ -1,4 +1,4 @@
-"""Presentation layer (command line): a substack of chosen classes' particles from a finished run folder.
+"""Interface layer (command line): a substack of chosen classes' particles from a finished run folder.
 
 ::
 

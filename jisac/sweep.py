@@ -1,4 +1,4 @@
-"""Parameter sweeps: ``python -m jisac -m isac.img_per_grp=50,100,200 isac.thld_err=0.7,1.4`` runs every
+"""Workflow layer: Parameter sweeps: ``python -m jisac -m isac.img_per_grp=50,100,200 isac.thld_err=0.7,1.4`` runs every
 combination (Hydra multirun) and ends with a summary of all runs in the sweep folder:
 
 - ``sweep_summary.csv``: one row per run: the swept parameters, status (ok/failed + the one-line error), number of
@@ -29,7 +29,10 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 from hydra.experimental.callback import Callback
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from jisac.io.atomic import atomic_path, write_json
 
@@ -208,15 +211,10 @@ def _markdown(table, swept: list[str], common: dict, sweep_dir: Path) -> str:
 def _plot(table, swept: list[str], path: Path) -> None:
     """Accounted fraction (top) and classes (bottom) against each swept parameter; one line per combination of
     the other swept parameters. Failed runs are left out (named in the title)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     ok = table[table["status"] == "ok"]
     axes_for = swept or ["job"]
-    fig, axes = plt.subplots(2, len(axes_for), figsize=(4.2 * len(axes_for), 5.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(axes_for), 5.6))
+    axes = fig.subplots(2, len(axes_for), squeeze=False)
     for j, param in enumerate(axes_for):
         others = [k for k in swept if k != param]
         values = list(dict.fromkeys(table[param]))  # every value tried, failed runs' included
@@ -237,7 +235,7 @@ def _plot(table, swept: list[str], path: Path) -> None:
                 axes[i, j].set_xticks(sorted(values))
             else:
                 axes[i, j].set_xticks(range(len(values)), [str(v) for v in values], rotation=30, fontsize=8)
-        axes[1, j].yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axes[1, j].yaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0, j].set_ylim(-0.02, 1.02)
         if others:
             axes[0, j].legend(fontsize=7)
@@ -246,7 +244,6 @@ def _plot(table, swept: list[str], path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
 
 
 def write_summary(sweep_dir: str | os.PathLike):

@@ -1,4 +1,4 @@
-"""Synthetic data with known truth: a deterministic asymmetric 3D phantom, its projections, noise.
+"""Data layer: Synthetic data with known truth: a deterministic asymmetric 3D phantom, its projections, noise.
 
 The phantom is a sum of isotropic 3D Gaussians, so its projection along any direction is an exact sum of 2D
 Gaussians: no 3D grid, no interpolation, any box size in milliseconds. Used by the tests, the benchmarks and
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jisac import ctf
 from jisac import transforms as T
 
 Array = jax.Array
@@ -109,23 +110,57 @@ def add_noise(images: Array, snr: float, key: Array, mask: np.ndarray | None = N
     return images + noise * jnp.sqrt(var / snr)
 
 
+class Simulated(NamedTuple):
+    """Noisy particles with their truth: ``images`` ``(n, box, box)``, ``view`` ``(n,)`` the index of each
+    particle's clean view, ``moves`` the ``Transform2D`` applied to that view (its inverse is the alignment that
+    brings the particle back onto the view) and ``ctf`` the per-particle CTF applied, or None."""
+
+    images: Array
+    view: np.ndarray
+    moves: T.Transform2D
+    ctf: object = None
+
+
+def simulate(views, n: int, key: Array, snr: float, max_shift: float = 1.0, ctf_params=None,
+             noise_mask: np.ndarray | None = None, view: np.ndarray | None = None) -> Simulated:
+    """The one recipe for synthetic particles with known truth (tests, benchmarks, experiments, the demo).
+
+    Each particle is one of the clean ``views`` ``(k, box, box)`` (drawn at random, or ``view``), rotated in plane
+    by a random angle, shifted by up to ``max_shift`` px in x and y, mirrored with probability 1/2 (the view from
+    the opposite side), modulated by its CTF (``ctf_params``: a per-particle ``ctf.CTFParams``, optional), plus
+    white noise at ``snr`` (signal variance / noise variance, inside ``noise_mask`` if given, ``add_noise``).
+    Randomness: ``jax.random.split(key, 8)``, one sub-key per draw, so the same key gives the same particles.
+    """
+    keys = jax.random.split(key, 8)
+    k = len(views)
+    truth = np.asarray(jax.random.randint(keys[0], (n,), 0, k)) if view is None else np.asarray(view)
+    moves = T.make_transform(
+        jax.random.uniform(keys[1], (n,), maxval=360.0),
+        jax.random.uniform(keys[2], (n,), minval=-max_shift, maxval=max_shift),
+        jax.random.uniform(keys[3], (n,), minval=-max_shift, maxval=max_shift),
+        jax.random.bernoulli(keys[4], 0.5, (n,)),
+    )
+    images = T.apply_transform(jnp.asarray(views, jnp.float32)[truth], moves)
+    if ctf_params is not None:
+        images = ctf.apply_ctf(images, ctf_params)
+    images = add_noise(images, snr, keys[5], noise_mask)
+    return Simulated(images, truth, moves, ctf_params)
+
+
+def known_views(n_views: int, box: int, radius: float, seed: int = 1) -> tuple[Array, np.ndarray]:
+    """``n_views`` well-spread projections (``hemisphere_directions``) of a phantom filling 85 % of ``radius``
+    px: ``(views (n_views, box, box), viewing directions (n_views, 3))``."""
+    phantom = make_phantom(radius=0.85 * radius, seed=seed)
+    rot, tilt = hemisphere_directions(n_views)
+    matrices = euler_to_matrix(rot, tilt, 0.0)
+    return project(phantom, matrices, box), matrices[:, 2]
+
+
 def known_view_particles(
     n: int, box: int, radius: float, n_views: int, snr: float, max_shift: float = 1.0, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy particles with known views, for end-to-end tests: ``(particles (n, box, box) float32, view (n,))``.
-
-    Each particle is one of ``n_views`` well-spread projections (``hemisphere_directions``) of a phantom filling
-    85 % of ``radius`` px, rotated in plane, shifted by up to ``max_shift`` px and mirrored at random
-    (``numpy`` generator ``seed``), plus white noise at ``snr`` (``jax.random.key(seed + 1)``).
-    """
-    phantom = make_phantom(radius=0.85 * radius, seed=1)
-    rot, tilt = hemisphere_directions(n_views)
-    views = project(phantom, euler_to_matrix(rot, tilt, 0), box)
-    rng = np.random.default_rng(seed)
-    truth = rng.integers(0, n_views, n)
-    q = T.make_transform(
-        rng.uniform(0, 360, n), rng.uniform(-max_shift, max_shift, n), rng.uniform(-max_shift, max_shift, n),
-        rng.integers(0, 2, n).astype(bool),
-    )
-    particles = add_noise(T.apply_transform(views[truth], q), snr, jax.random.key(seed + 1))
-    return np.asarray(particles), truth
+    """Noisy particles with known views, for end-to-end tests: ``(particles (n, box, box) float32, view (n,))``
+    (``known_views`` then ``simulate`` with ``jax.random.key(seed)``)."""
+    views, _ = known_views(n_views, box, radius)
+    sim = simulate(views, n, jax.random.key(seed), snr, max_shift)
+    return np.asarray(sim.images), sim.view

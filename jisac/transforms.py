@@ -1,4 +1,4 @@
-"""2D rigid transforms: the one place where jisac's alignment convention is defined.
+"""Data layer: 2D rigid transforms: the one place where jisac's alignment convention is defined.
 
 Convention (SPHIRE's, ``shared/isac_algorithm.md`` §4). A parameter set ``P = (angle, shift_x, shift_y, mirror)``
 with the angle in degrees and shifts in pixels is the map of pixel coordinates, taken relative to the image centre

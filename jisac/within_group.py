@@ -1,4 +1,4 @@
-"""Reference-free alignment inside classes, for all classes at once (SPHIRE ``within_group_refinement``,
+"""Algorithm layer: Reference-free alignment inside classes, for all classes at once (SPHIRE ``within_group_refinement``,
 ``isac_algorithm.md`` §7): ISAC's building block for stable class averages and for the stability test.
 
 From a random start (each member rotated and mirrored at random about its current centre), ``maxit`` passes

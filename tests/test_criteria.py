@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from jisac import config, criteria, filters, pipeline, synthetic
+import jisac
+from jisac import config, criteria, filters, synthetic
 from jisac import transforms as T
 
 CONF_DIR = Path(config.__file__).resolve().parent.parent / "conf"
@@ -268,18 +269,10 @@ PIPE_BOX, PIPE_RADIUS, PIPE_N = 48, 18, 120
 def small_stack():
     """120 noisy particles of 4 views (SNR 0.15), randomly rotated, shifted and mirrored (tests/test_pipeline.py's
     recipe, half the size)."""
-    phantom = synthetic.make_phantom(radius=0.85 * PIPE_RADIUS, seed=1)
-    rot, tilt = synthetic.hemisphere_directions(4)
     mask = filters.circular_mask(PIPE_BOX, PIPE_BOX, PIPE_RADIUS)
-    views = filters.normalize_in_mask(
-        synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), PIPE_BOX), mask
-    )
-    rng = np.random.default_rng(0)
-    truth = rng.integers(0, 4, PIPE_N)
-    q = T.make_transform(rng.uniform(0, 360, PIPE_N), rng.uniform(-1, 1, PIPE_N), rng.uniform(-1, 1, PIPE_N),
-                         rng.integers(0, 2, PIPE_N).astype(bool))
-    parts = synthetic.add_noise(T.apply_transform(views[truth], q), 0.15, jax.random.key(1))
-    return np.asarray(filters.normalize_in_mask(parts, mask)), truth
+    views, _ = synthetic.known_views(4, PIPE_BOX, PIPE_RADIUS)
+    sim = synthetic.simulate(filters.normalize_in_mask(views, mask), PIPE_N, jax.random.key(1), 0.15, max_shift=1.0)
+    return np.asarray(filters.normalize_in_mask(sim.images, mask)), sim.view
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +288,7 @@ def pipeline_runs(small_stack, tmp_path_factory):
         typed = OmegaConf.to_object(cfg)
         folder = tmp_path_factory.mktemp(name)
         rp = config.run_params(typed, PIPE_N)
-        summary = pipeline.classify(images, rp.isac, folder, seed=3, data_id="criteria", criterion=rp.criterion)
+        summary = jisac.classify(images, rp.isac, folder, seed=3, data_id="criteria", criterion=rp.criterion)
         classes = np.loadtxt(folder / "particle_classes.txt")
         out[name] = summary, classes[:, 0].astype(int), classes[:, 1]
     return out

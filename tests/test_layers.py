@@ -22,7 +22,10 @@ def _imports(path: Path) -> tuple[set[str], list[str]]:
         if isinstance(node, ast.Import):
             out = {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            # ``from jisac import align`` imports the module jisac.align; ``from jisac.io import outputs`` the
+            # module jisac.io.outputs; ``from jisac.rows import Rows`` the module jisac.rows
+            out = {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                   for a in node.names}
         return {m for m in out if m in known}
 
     for node in ast.walk(tree):

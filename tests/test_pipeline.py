@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jisac import criteria, filters, isac, pipeline, synthetic
-from jisac import transforms as T
+import jisac
+from jisac.io import outputs
+from jisac import checkpoint, criteria, filters, isac, pipeline, synthetic
 
 BOX, RADIUS, N_VIEWS, N = 48, 18, 4, 240
 PARAMS = isac.make_params(
@@ -19,24 +20,16 @@ PARAMS = isac.make_params(
 @pytest.fixture(scope="module")
 def stack():
     """Noisy copies of 4 distinct views, randomly rotated, mirrored and shifted; view directions known."""
-    phantom = synthetic.make_phantom(radius=0.85 * RADIUS, seed=1)
-    rot, tilt = synthetic.hemisphere_directions(N_VIEWS)
     mask = filters.circular_mask(BOX, BOX, RADIUS)
-    views = filters.normalize_in_mask(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), BOX), mask)
-    rng = np.random.default_rng(0)
-    truth = rng.integers(0, N_VIEWS, N)
-    q = T.make_transform(
-        rng.uniform(0, 360, N), rng.uniform(-1, 1, N), rng.uniform(-1, 1, N), rng.integers(0, 2, N).astype(bool)
-    )
-    parts = synthetic.add_noise(T.apply_transform(views[truth], q), 0.15, jax.random.key(1))
-    directions = synthetic.euler_to_matrix(rot, tilt, 0)[:, 2]  # viewing direction of each view
-    return np.asarray(filters.normalize_in_mask(parts, mask)), truth, directions
+    views, directions = synthetic.known_views(N_VIEWS, BOX, RADIUS)
+    sim = synthetic.simulate(filters.normalize_in_mask(views, mask), N, jax.random.key(1), 0.15, max_shift=1.0)
+    return np.asarray(filters.normalize_in_mask(sim.images, mask)), sim.view, directions
 
 
 @pytest.fixture(scope="module")
 def full_run(stack, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    summary = pipeline.classify(stack[0], PARAMS, out, seed=3, data_id="test")
+    summary = jisac.classify(stack[0], PARAMS, out, seed=3, data_id="test")
     return out, summary
 
 
@@ -79,7 +72,7 @@ def test_killed_run_restarts_to_the_same_result(stack, tmp_path, monkeypatch):
     # (with PARAMS it accounts 200 of 240 and the run ends after one generation).
     params = PARAMS._replace(thld_err=0.55)
     out_full = tmp_path / "uninterrupted"
-    summary = pipeline.classify(stack[0], params, out_full, seed=3, data_id="test")
+    summary = jisac.classify(stack[0], params, out_full, seed=3, data_id="test")
     assert len(summary["generations"]) >= 2
     tmp_path = tmp_path / "killed"
     real = isac.run_generation
@@ -93,19 +86,19 @@ def test_killed_run_restarts_to_the_same_result(stack, tmp_path, monkeypatch):
 
     monkeypatch.setattr(isac, "run_generation", dies_in_generation_2)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.classify(stack[0], params, tmp_path, seed=3, data_id="test")
+        jisac.classify(stack[0], params, tmp_path, seed=3, data_id="test")
     assert (tmp_path / "checkpoint" / "state.npz").exists()
     assert not (tmp_path / "summary.json").exists()  # an interrupted run does not look finished
     monkeypatch.setattr(isac, "run_generation", real)
-    pipeline.classify(stack[0], params, tmp_path, seed=3, data_id="test")
-    for name in ("particle_classes.txt", "all_parameters.txt"):
-        np.testing.assert_allclose(np.loadtxt(tmp_path / name), np.loadtxt(out_full / name), atol=1e-3)
+    jisac.classify(stack[0], params, tmp_path, seed=3, data_id="test")
+    for name in ("particle_classes.txt", "all_parameters.txt", "class_averages.mrcs"):
+        assert (tmp_path / name).read_bytes() == (out_full / name).read_bytes(), name  # exactly the same
 
 
 def test_a_different_run_is_refused_in_the_same_folder(stack, full_run):
     out, _ = full_run
-    with pytest.raises(pipeline.RunMismatchError, match="different run"):
-        pipeline.classify(stack[0], PARAMS._replace(thld_err=1.0), out, seed=3, data_id="test")
+    with pytest.raises(checkpoint.RunMismatchError, match="different run"):
+        jisac.classify(stack[0], PARAMS._replace(thld_err=1.0), out, seed=3, data_id="test")
 
 
 def test_impossible_parameters_fail_before_work(stack):
@@ -118,12 +111,12 @@ def test_impossible_parameters_fail_before_work(stack):
     with pytest.raises(ValueError, match="thld_err"):
         PARAMS._replace(thld_err=0.0).validate(N)
     with pytest.raises(ValueError, match="does not fit"):
-        PARAMS._replace(xr=8.0).validate(N)
+        isac.make_params(img_per_grp=30, minimum_grp_size=20, target_radius=RADIUS, target_nx=BOX, xr=8.0).validate(N)
 
 
 def test_same_seed_same_result(stack, full_run, tmp_path):
     out_full, _ = full_run
-    pipeline.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test")
+    jisac.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test")
     for name in ("particle_classes.txt", "all_parameters.txt"):
         np.testing.assert_array_equal(np.loadtxt(tmp_path / name), np.loadtxt(out_full / name))
 
@@ -136,15 +129,15 @@ def test_stability_criterion_is_pluggable(stack, tmp_path):
         base = stability.pixel_error_stability_classes(runs, member, 1e9, float(RADIUS), 5)
         return base._replace(stable=member)
 
-    everyone_is_stable.name = "everyone"
-    summary = pipeline.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test", criterion=everyone_is_stable)
+    summary = jisac.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test",
+                             criterion=criteria.Criterion("everyone", everyone_is_stable))
     assert summary["accounted_fraction"] == 1.0
     with pytest.raises(ValueError, match="not a known criterion"):
         criteria.make_criterion("nope", 0.7, 29.0)
 
 
 def test_a_run_that_accepts_nothing_still_writes_its_outputs(tmp_path):
-    summary = pipeline.write_final(tmp_path, isac.IsacState.start(70), PARAMS, {})
+    summary = outputs.write_run(tmp_path, pipeline.finish(isac.IsacState.start(70), PARAMS, {}))
     assert summary["accounted"] == 0 and summary["classes"] == 0
     assert (np.loadtxt(tmp_path / "particle_classes.txt")[:, 0] == 0).all()
     assert (np.loadtxt(tmp_path / "all_parameters.txt")[:, 3] == -1).all()

@@ -3,14 +3,12 @@
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pandas as pd
 import pytest
 import starfile
 
 from jisac import config, run, synthetic
-from jisac import transforms as T
 from jisac.io import hdf
 from jisac.io.star import write_stack_and_star
 
@@ -115,13 +113,7 @@ def test_killed_process_restarts_to_the_same_result(tmp_path):
     import signal
     import time
 
-    phantom = synthetic.make_phantom(radius=0.85 * RADIUS, seed=1)
-    rot, tilt = synthetic.hemisphere_directions(4)
-    views = synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), BOX)
-    rng = np.random.default_rng(0)
-    truth = rng.integers(0, 4, N)
-    q = T.make_transform(rng.uniform(0, 360, N), 0.0, 0.0, rng.integers(0, 2, N).astype(bool))
-    parts = np.asarray(synthetic.add_noise(T.apply_transform(views[truth], q), 0.15, jax.random.key(1)))
+    parts, _ = synthetic.known_view_particles(N, BOX, RADIUS, n_views=4, snr=0.15, max_shift=0.0, seed=1)
     write_stack_and_star(tmp_path / "p.star", tmp_path / "p.mrcs", parts, pixel_size=1.5)
 
     def command(out):

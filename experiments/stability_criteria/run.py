@@ -28,8 +28,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jisac import criteria, filters, isac, pipeline, synthetic
-from jisac import transforms as T
+import jisac
+from jisac import criteria, filters, isac, synthetic
 
 HERE = Path(__file__).resolve().parent
 PURITY_DEG = 15.0
@@ -38,18 +38,10 @@ PURITY_DEG = 15.0
 def make_stack(n: int, n_views: int, snr: float, box: int, radius: int, seed: int):
     """``(images (n, box, box), true view (n,), view directions (n_views, 3))``; the same particles and
     transforms for every SNR (only the noise level changes)."""
-    phantom = synthetic.make_phantom(radius=0.85 * radius, seed=seed)
-    rot, tilt = synthetic.hemisphere_directions(n_views)
     mask = filters.circular_mask(box, box, radius)
-    views = filters.normalize_in_mask(synthetic.project(phantom, synthetic.euler_to_matrix(rot, tilt, 0), box), mask)
-    rng = np.random.default_rng(seed)
-    truth = rng.integers(0, n_views, n)
-    q = T.make_transform(
-        rng.uniform(0, 360, n), rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), rng.integers(0, 2, n).astype(bool)
-    )
-    parts = synthetic.add_noise(T.apply_transform(views[truth], q), snr, jax.random.key(seed + 1))
-    directions = synthetic.euler_to_matrix(rot, tilt, 0)[:, 2]
-    return np.asarray(filters.normalize_in_mask(parts, mask)), truth, np.asarray(directions)
+    views, directions = synthetic.known_views(n_views, box, radius, seed=seed)
+    sim = synthetic.simulate(filters.normalize_in_mask(views, mask), n, jax.random.key(seed + 1), snr, max_shift=1.0)
+    return np.asarray(filters.normalize_in_mask(sim.images, mask)), sim.view, np.asarray(directions)
 
 
 def view_purity(classes: np.ndarray, truth: np.ndarray, directions: np.ndarray) -> float:
@@ -101,7 +93,7 @@ def main() -> None:
             criterion = criteria.make_criterion(name, p.thld_err, float(p.target_radius))
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                summary = pipeline.classify(images, p, tmp, seed=args.seed, criterion=criterion)
+                summary = jisac.classify(images, p, tmp, seed=args.seed, criterion=criterion)
                 seconds = time.perf_counter() - t0
                 classes = np.loadtxt(Path(tmp) / "particle_classes.txt")[:, 0].astype(int)
             row = {
@@ -131,12 +123,10 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for name in sorted({r["criterion"] for r in rows}):
         rs = sorted((r for r in rows if r["criterion"] == name), key=lambda r: r["snr"])
         snr = [r["snr"] for r in rs]
@@ -161,7 +151,6 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""EMAN2/SPHIRE HDF image stacks (via ``h5py``), the format of SPHIRE's ``class_averages.hdf``.
+"""Formats layer: EMAN2/SPHIRE HDF image stacks (via ``h5py``), the format of SPHIRE's ``class_averages.hdf``.
 
 Layout (EMAN2's ``libEM/hdfio2.cpp``), read and written here:
 

@@ -1,4 +1,4 @@
-"""MRC/MRCS image stacks (via ``mrcfile``, the CCP-EM reference implementation of the format).
+"""Formats layer: MRC/MRCS image stacks (via ``mrcfile``, the CCP-EM reference implementation of the format).
 
 Reading is lazy: :class:`MrcImageFile` reads the header with ``mrcfile`` and then only the bytes of the images asked
 for, with plain file reads: pages of a memory map would stay resident in the process once read, so streaming a
@@ -58,13 +58,6 @@ def write_stack(path: str | os.PathLike, images, pixel_size_angst: float | None 
             mrc.set_data(data)
             mrc.set_image_stack()
             mrc.voxel_size = size
-
-
-def read_stack(path: str | os.PathLike) -> np.ndarray:
-    """Reads a whole MRC/MRCS stack as ``(n, ny, nx)`` float32 (a single image gives n = 1)."""
-    with mrcfile.open(path, permissive=False) as mrc:
-        data = np.asarray(mrc.data, np.float32)
-    return data[None] if data.ndim == 2 else data
 
 
 def _check_header(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""One particle-stack abstraction for every input format: :class:`ParticleStack` and :func:`open_stack`.
+"""Formats layer: One particle-stack abstraction for every input format: :class:`ParticleStack` and :func:`open_stack`.
 
 A stack is lazy: opening it reads metadata and file headers only; images are read on indexing, grouped by file
 and, for MRC/MRCS files, copied from a memory map, so no call ever loads the whole stack. Open files are kept in a

@@ -1,4 +1,4 @@
-"""RELION STAR particle files (via ``starfile``, the teamtomo STAR reader/writer).
+"""Formats layer: RELION STAR particle files (via ``starfile``, the teamtomo STAR reader/writer).
 
 Read: RELION 3.0 (one particle table, optics values in each row) and 3.1+ (``data_optics`` + ``data_particles``;
 optics values are merged into each particle row). ``_rlnImageName`` is ``N@path`` with N 1-based (a name without

@@ -1,4 +1,4 @@
-"""Where each particle's image lives: the common result of every metadata reader (STAR, cryoSPARC .cs, plain
+"""Formats layer: Where each particle's image lives: the common result of every metadata reader (STAR, cryoSPARC .cs, plain
 MRC/HDF stacks), from which :class:`jisac.io.stack.ParticleStack` is built."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jisac.eqkmeans import assign_equal_size
+from jisac.assignment import assign_equal_size
 
 
 def greedy_reference(scores: np.ndarray) -> np.ndarray:
