@@ -1,7 +1,8 @@
 """Runs a tiny ISAC (``run.run``: pre-alignment, working stack, classification, outputs) for the scale-out tests
 (``tests/test_scale.py``) in a fresh process, because the device count is fixed when JAX starts:
 
-    python tests/scale_worker.py devices DIR            4 CPU devices; runs on 1, 2 and 4 of them: DIR/d1, d2, d4
+    python tests/scale_worker.py devices DIR            4 CPU devices; runs on 1, 2 and 4 of them: DIR/d1, d2, d4,
+                                                        and on 1 with the GPU's chunk sizes and budget: DIR/d1gpu
     python tests/scale_worker.py process DIR PORT I     process I of 2 (2 CPU devices each, jax.distributed on
                                                         localhost:PORT); the joint run writes DIR/p2
 """
@@ -26,13 +27,13 @@ def make_stack(folder: Path) -> Path:
     return path
 
 
-def config(stack: Path, out: Path, **hardware):
+def config(stack: Path, out: Path, align=None, **hardware):
     from jisac import config as c
 
     isac = c.IsacConfig(radius=18, img_per_grp=40, minimum_grp_size=20, target_radius=18, target_nx=48, maxit=6,
                         init_iter=1, stab_ali=3, rand_seed=0, main_iter_limit=1, restart=False)
     return c.JisacConfig(output_dir=str(out), data=c.DataConfig(stack=str(stack)), isac=isac,
-                         hardware=c.HardwareConfig(**hardware))
+                         hardware=c.HardwareConfig(**hardware), align=align or c.AlignConfig())
 
 
 def main(mode: str, folder: str, *rest: str) -> None:
@@ -44,6 +45,12 @@ def main(mode: str, folder: str, *rest: str) -> None:
         stack = make_stack(folder)
         for k in (1, 2, 4):
             run.run(config(stack, folder / f"d{k}", devices=list(range(k))))
+        # the GPU presets' chunk sizes and device budget, on the CPU: chunking must not change any result
+        from jisac import budget, config as c
+
+        gpu = budget.BACKEND_PRESETS["gpu"]
+        sizes = c.AlignConfig(**{name: gpu[name] for name in c.ALIGN_CHUNK_SIZES})
+        run.run(config(stack, folder / "d1gpu", align=sizes, devices=[0], memory_budget_mb=gpu["memory_budget_mb"]))
     elif mode == "process":
         port, pid = rest
         jax.config.update("jax_num_cpu_devices", 2)

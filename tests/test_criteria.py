@@ -1,7 +1,6 @@
 """The pluggable stability criteria (``stability=<name>``) on hand-made parameter sets with known answers, and
 each one end to end through the config group and the pipeline."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 
 import jisac
+from tests.helpers import compose_config
 from jisac import config, criteria, filters, synthetic
 from jisac import transforms as T
 
-CONF_DIR = Path(config.__file__).resolve().parent.parent / "conf"
 
 BOX, RADIUS, THRESHOLD = 32, 12, 0.7
 N_RUNS = 5  # ISAC's stab_ali; with fewer runs a lenient threshold passes more chance agreements
@@ -236,11 +235,7 @@ def test_bad_options_fail_with_one_line_naming_them(data):
 
 
 def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    config.register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def test_config_group_selects_each_criterion_with_typed_options():

@@ -67,6 +67,7 @@ def test_outputs_are_complete(full_run):
     assert not list(out.rglob(".*.tmp"))  # nothing half-written is left
 
 
+@pytest.mark.slow
 def test_killed_run_restarts_to_the_same_result(stack, tmp_path, monkeypatch):
     # A stricter threshold than PARAMS' so that generation 1 leaves enough particles for more generations
     # (with PARAMS it accounts 200 of 240 and the run ends after one generation).

@@ -3,14 +3,17 @@
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
 import starfile
 
+from jisac import transforms as T
 from jisac import config, run, synthetic
 from jisac.io import hdf
 from jisac.io.star import write_stack_and_star
+from tests.helpers import class_purity
 
 BOX, RADIUS, N = 48, 18, 240
 
@@ -18,10 +21,12 @@ BOX, RADIUS, N = 48, 18, 240
 @pytest.fixture(scope="module")
 def star_stack(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stack")
-    parts, truth = synthetic.known_view_particles(N, BOX, RADIUS, n_views=4, snr=0.3)
-    meta = pd.DataFrame({"rlnMicrographName": [f"mic{i % 7}.mrc" for i in range(N)], "myTruth": truth})
-    write_stack_and_star(folder / "particles.star", folder / "particles.mrcs", parts, meta, pixel_size=1.5)
-    return folder / "particles.star", truth
+    views, _ = synthetic.known_views(4, BOX, RADIUS)
+    sim = synthetic.simulate(views, N, jax.random.key(0), 0.3, max_shift=1.0)
+    meta = pd.DataFrame({"rlnMicrographName": [f"mic{i % 7}.mrc" for i in range(N)], "myTruth": sim.view})
+    write_stack_and_star(folder / "particles.star", folder / "particles.mrcs", np.asarray(sim.images), meta,
+                         pixel_size=1.5)
+    return folder / "particles.star", sim.view, sim.moves
 
 
 def small_config(stack, out, **isac):
@@ -34,7 +39,7 @@ def small_config(stack, out, **isac):
 
 
 def test_star_in_relion_and_sphire_files_out(star_stack, tmp_path):
-    path, truth = star_stack
+    path, truth, moves = star_stack
     summary = run.run(small_config(path, tmp_path))
     assert summary["accounted_fraction"] >= 0.5
     particles = starfile.read(tmp_path / "particles.star")["particles"]
@@ -47,8 +52,7 @@ def test_star_in_relion_and_sphire_files_out(star_stack, tmp_path):
     accounted = starfile.read(tmp_path / "accounted.star")["particles"]
     assert len(accounted) == (classes > 0).sum()
     # each class mostly holds one view
-    purity = [np.bincount(truth[classes == c]).max() / (classes == c).sum() for c in np.unique(classes[classes > 0])]
-    assert np.mean(purity) > 0.85
+    assert class_purity(classes, truth) > 0.85
     # the HDF averages carry their members, the same as particles.star says
     headers = hdf.read_hdf_headers(tmp_path / "ordered_class_averages.hdf")
     assert len(headers) == summary["classes"]
@@ -58,13 +62,27 @@ def test_star_in_relion_and_sphire_files_out(star_stack, tmp_path):
         assert int(np.atleast_1d(h["n_objects"])[0]) == len(members)
     model = starfile.read(tmp_path / "class_averages.star")
     assert len(model) == summary["classes"]
-    # the particle centres found are within a pixel or two of the truth, up to one offset per class (the
-    # class average's own centre is arbitrary)
-    assert np.abs(particles["rlnOriginXAngst"].to_numpy()).max() < 1.5 * 6
+    # psi and origins against the truth: a particle is its view moved by ``moves``, so the alignment that the STAR
+    # file describes (input pixels) composed after ``moves`` is the same rigid transform for every member of a
+    # class (the class average's own frame is arbitrary): its angle, shift and mirror flag must agree
+    found = T.from_relion(particles["rlnAnglePsi"], particles["rlnOriginXAngst"], particles["rlnOriginYAngst"],
+                          particles["jisacMirror"].to_numpy() > 0, pixel_size_angst=1.5)
+    frame = T.compose(moves, found)  # (n,): the class frame seen from each particle's own view
+    for c in np.unique(classes[classes > 0]):
+        m = (classes == c) & (truth == np.bincount(truth[classes == c]).argmax())  # the class's own view
+        angle = np.asarray(frame.angle)[m]
+        mean = np.degrees(np.angle(np.mean(np.exp(1j * np.radians(angle)))))
+        spread = np.abs((angle - mean + 180) % 360 - 180)
+        assert np.median(spread) < 2.0 and np.quantile(spread, 0.9) < 5.0, (c, np.sort(spread)[-5:])
+        for f in (frame.shift_x, frame.shift_y):
+            off = np.asarray(f)[m] - np.median(np.asarray(f)[m])
+            assert np.quantile(np.abs(off), 0.9) < 1.0, (c, np.sort(np.abs(off))[-5:])  # px
+        mirrored = np.asarray(frame.mirror)[m].mean()
+        assert max(mirrored, 1 - mirrored) >= 0.95, (c, mirrored)  # one mirror relation per class
 
 
 def test_bad_input_fails_before_work(star_stack, tmp_path):
-    path, _ = star_stack
+    path = star_stack[0]
     with pytest.raises(ValueError, match="isac.radius is required"):
         run.run(small_config(path, tmp_path, radius=None))
     with pytest.raises(ValueError, match="minimum_grp_size"):
@@ -77,6 +95,7 @@ def test_bad_input_fails_before_work(star_stack, tmp_path):
         run.run(small_config(tmp_path / "nothing.star", tmp_path))
 
 
+@pytest.mark.slow
 def test_command_line_reports_one_line_errors(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jisac", f"data.stack={tmp_path}/missing.star", "isac.radius=10",
@@ -106,6 +125,7 @@ def test_nan_particles_stop_the_run_or_are_left_out(tmp_path):
     np.testing.assert_array_equal(run._finite_particles(stack, drop=True), np.setdiff1d(np.arange(70), [3, 40]))
 
 
+@pytest.mark.slow
 def test_killed_process_restarts_to_the_same_result(tmp_path):
     """SIGKILL a real ``python -m jisac`` once its first generation is checkpointed; the same command again
     finishes with exactly the classes of an uninterrupted run."""

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # Hydra multiruns in subprocesses
+
 from jisac import cache, synthetic, sweep
 from jisac.diskarray import DiskArray
 from jisac.io.star import write_stack_and_star
