@@ -72,7 +72,7 @@ def make_key(pixels_sha256: str, settings: dict, ctf_params=None) -> tuple[str, 
     Args:
         pixels_sha256: hex digest of the stack's pixels (:func:`data_digest`).
         settings: every setting that changes the working stack or the pre-alignment (radius, target_radius,
-            target_nx, ctf, vpp, skip_prealignment, the pre-alignment seed, drop_nonfinite, n, box, pixel size).
+            target_nx, ctf, vpp, skip_prealignment, the pre-alignment seed, drop_unusable, n, box, pixel size).
         ctf_params: the ``CTFParams`` the working stack is phase-flipped with, or ``None``.
     """
     info = {"version": CACHE_VERSION, "pixels_sha256": pixels_sha256, **settings}

@@ -1,16 +1,31 @@
-"""Interface layer: Command line: ``python -m jisac [key=value ...]`` (Hydra). Builds the config and calls the library."""
+"""Interface layer: the command line, ``python -m jisac [key=value ...]`` (Hydra): builds the configuration, calls
+the library, and turns what can go wrong into what a user can act on.
+
+- Input errors (``errors.InputError``: a file, an option, an output folder) print one line and exit with 2.
+- A full disk or another I/O failure prints one line saying what to free or fix and that the same command
+  continues from the last finished generation (exit 2).
+- SIGTERM (SLURM's time limit) and SIGINT (Ctrl-C) stop the run; the checkpoint of the last finished generation is
+  intact and a line says how to continue (exit 143 / 130).
+- Anything else is a bug in jisac: its traceback, then a line asking to report it (exit 1).
+
+``output_dir`` is checked before Hydra creates it (``preflight``), so an unusable folder is one line too.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import OmegaConf
 
-from jisac import config, devices
+from jisac import checkpoint, config, devices
 from jisac.demo import run_alignment_demo
+from jisac.errors import ConfigError, InputError
 from jisac.run import run
 from jisac.sweep import SweepJob
 
@@ -36,31 +51,101 @@ def _demo_schedule(typed: config.JisacConfig) -> None:
         log.info("demo: isac.init_iter=%d (ISAC's default is 7; set it to override)", DEMO_INIT_ITER)
 
 
+class Stopped(BaseException):
+    """SIGTERM arrived: unwinds the run like Ctrl-C does (``BaseException``, so no ``except Exception`` stops it)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped()
+
+
+def _output_dir_override(argv: list[str]) -> str | None:
+    """The ``output_dir=`` value on the command line, unless it is a sweep list or an interpolation."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "output_dir" and value and "," not in value and "$" not in value:
+            return value
+    return None
+
+
+def preflight(argv: list[str]) -> None:
+    """Checks ``output_dir`` before Hydra creates it (Hydra would fail with a traceback): exits with one line."""
+    value = _output_dir_override(argv)
+    if value is None:
+        return
+    try:
+        checkpoint.prepare_output_dir(Path(value))
+    except InputError as err:
+        print(f"jisac: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def failure(err: BaseException, output_dir: str | None) -> int:
+    """Prints what a user needs to know about ``err`` and returns the exit status (module docstring)."""
+    if isinstance(err, InputError):
+        log.error("%s", err)
+        print(f"jisac: error: {err}", file=sys.stderr)
+        return 2
+    generation = checkpoint.last_generation(Path(output_dir)) if output_dir else None
+    resume = (f"the checkpoint of generation {generation} in {output_dir}/checkpoint is intact: run the same "
+              "command again to continue from there" if generation else "run the same command again to start over")
+    if isinstance(err, (Stopped, KeyboardInterrupt)):
+        name = "SIGTERM" if isinstance(err, Stopped) else "Ctrl-C (SIGINT)"
+        line = f"jisac: stopped by {name}; {resume}"
+        log.warning("%s", line)
+        print(line, file=sys.stderr)
+        return 143 if isinstance(err, Stopped) else 130
+    if isinstance(err, OSError) and err.filename is not None:
+        what = "disk full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        line = f"jisac: error: {what} while writing {err.filename}; free space or fix the folder, then {resume}"
+        log.error("%s", line)
+        print(line, file=sys.stderr)
+        return 2
+    traceback.print_exception(err)
+    line = ("jisac: internal error (a bug in jisac, not in your input): please report it with the traceback above "
+            "and the command you ran")
+    log.error("%s: %s", line, err)
+    print(line, file=sys.stderr)
+    return 1
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg) -> float:
+def _hydra_main(cfg) -> float:
     job = SweepJob.current()  # None in a single run
+    output_dir = None
     try:
         typed: config.JisacConfig = OmegaConf.to_object(cfg)
         if job is not None:  # output_dir names the sweep folder; each run writes into its own job folder there
             typed.output_dir = str(job.folder)
-        devices.setup(typed.hardware)  # before any JAX computation: devices, jax.distributed
+        output_dir = typed.output_dir
+        try:
+            devices.setup(typed.hardware)  # before any JAX computation: devices, jax.distributed
+        except ValueError as err:  # hardware.* options
+            raise ConfigError(str(err)) from None
+        if typed.demo.kind not in ("isac", "alignment"):
+            raise ConfigError(f"demo.kind must be 'isac' or 'alignment' (got {typed.demo.kind!r})")
         if typed.data.stack is None and typed.demo.kind == "alignment":
             return run_alignment_demo(typed)["view_accuracy"]
-        if typed.demo.kind not in ("isac", "alignment"):
-            raise ValueError(f"demo.kind must be 'isac' or 'alignment' (got {typed.demo.kind!r})")
         if typed.data.stack is None:
             _demo_schedule(typed)
         summary = run(typed)
-    except (ValueError, FileNotFoundError) as err:
+    except InputError as err:
         if job is not None:  # in a sweep: a failed row, and the other runs go on
             return job.failed(err)
-        log.error("%s", err)
-        print(f"jisac: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(failure(err, output_dir))
     except Exception as err:
-        if job is None:
-            raise
-        return job.failed(err, unexpected=True)
+        if job is not None:
+            return job.failed(err, unexpected=not (isinstance(err, OSError) and err.filename))
+        sys.exit(failure(err, output_dir))
+    except (Stopped, KeyboardInterrupt) as err:
+        sys.exit(failure(err, output_dir))
     if job is not None:
         job.succeeded()
     return summary["accounted_fraction"]
+
+
+def main() -> None:
+    """``python -m jisac``: checks ``output_dir``, lets SIGTERM stop the run cleanly, then runs Hydra."""
+    preflight(sys.argv[1:])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _hydra_main()

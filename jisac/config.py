@@ -17,6 +17,7 @@ from jisac import criteria, isac
 from jisac.align import AlignOptions, SearchGrid
 from jisac.budget import Budget, backend_preset
 from jisac.devices import parse_device_ids
+from jisac.errors import ConfigError
 from jisac.polar import RingGeometry
 from jisac.preprocess import PreprocessParams
 
@@ -59,7 +60,8 @@ class IsacConfig:
 @dataclass
 class DataConfig:
     stack: Optional[str] = None  # STAR, MRCS/MRC, HDF or .cs; none: the built-in demo stack
-    drop_nonfinite: bool = False  # leave out (unaccounted) particles with NaN/Inf pixels instead of stopping
+    drop_unusable: bool = False  # leave out (unaccounted) particles with NaN/Inf pixels or no signal (empty,
+    # constant) instead of stopping
     cache: bool = True  # reuse the working stack + pre-alignment of an earlier run on the same data (jisac.cache)
     cache_dir: Optional[str] = None  # the cache's folder; none: $XDG_CACHE_HOME/jisac/working (~/.cache/jisac/working)
     pixel_size: Optional[float] = None  # Angstrom/px; overrides the stack's (e.g. an MRC stack with 0 in its header)
@@ -184,7 +186,7 @@ class RunParams(NamedTuple):
         criterion: the stability criterion (``criteria.make_criterion``).
         seed: ``isac.rand_seed``.
         restart, skip_prealignment: ``isac.restart``, ``isac.skip_prealignment``.
-        drop_nonfinite, cache, cache_dir: the ``data.*`` keys of the same names.
+        drop_unusable, cache, cache_dir: the ``data.*`` keys of the same names.
     """
 
     isac: isac.IsacParams
@@ -194,7 +196,7 @@ class RunParams(NamedTuple):
     seed: int = 0
     restart: bool = True
     skip_prealignment: bool = False
-    drop_nonfinite: bool = False
+    drop_unusable: bool = False
     cache: bool = True
     cache_dir: Optional[str] = None
 
@@ -207,8 +209,17 @@ def _require_positive(section: str, values: dict) -> None:
 
 
 def isac_params(cfg: JisacConfig, n_particles: int | None = None) -> isac.IsacParams:
-    """The validated ``IsacParams`` of ``cfg`` (``isac.*`` and ``align``'s rings); ``ValueError`` names the
+    """The validated ``IsacParams`` of ``cfg`` (``isac.*`` and ``align``'s rings); ``ConfigError`` names the
     option. Part of ``run_params``; on its own for callers that have no stack yet."""
+    try:
+        return _isac_params(cfg, n_particles)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _isac_params(cfg: JisacConfig, n_particles: int | None) -> isac.IsacParams:
     c, a = cfg.isac, cfg.align
     if c.center_method != -1:
         raise ValueError(f"isac.center_method={c.center_method}: only -1 (average shift) is implemented")
@@ -250,7 +261,16 @@ def run_params(cfg: JisacConfig, n_particles: int | None = None, box_size: int |
                platform: str | None = None) -> RunParams:
     """The one conversion: a composed configuration (and the input stack's particle count and box, when known)
     -> the frozen ``RunParams`` of the run. Every option is checked here, before any heavy work; a bad one raises
-    ``ValueError`` naming it (``isac.radius`` is required once a box is given)."""
+    ``ConfigError`` (an ``InputError``) naming it (``isac.radius`` is required once a box is given)."""
+    try:
+        return _run_params(cfg, n_particles, box_size, platform)
+    except ConfigError:
+        raise
+    except ValueError as err:  # the parameter objects' own checks name the option; they are input errors
+        raise ConfigError(str(err)) from None
+
+
+def _run_params(cfg: JisacConfig, n_particles, box_size, platform) -> RunParams:
     p = isac_params(cfg, n_particles)
     radius = cfg.isac.radius
     if box_size is not None:
@@ -266,5 +286,5 @@ def run_params(cfg: JisacConfig, n_particles: int | None = None, box_size: int |
     return RunParams(
         isac=p, preprocess=prep, budget=budget(cfg, platform), criterion=criterion, seed=cfg.isac.rand_seed,
         restart=cfg.isac.restart, skip_prealignment=cfg.isac.skip_prealignment,
-        drop_nonfinite=cfg.data.drop_nonfinite, cache=cfg.data.cache, cache_dir=cfg.data.cache_dir,
+        drop_unusable=cfg.data.drop_unusable, cache=cfg.data.cache, cache_dir=cfg.data.cache_dir,
     )

@@ -27,6 +27,7 @@ import numpy as np
 
 from jisac import align, average, cache, config, ctf, devices, filters, synthetic
 from jisac import transforms as T
+from jisac.errors import ConfigError
 from jisac.io.atomic import write_json
 from jisac.io.mrc import write_stack
 from jisac.io.star import write_stack_and_star
@@ -123,9 +124,9 @@ def run_alignment_demo(cfg: config.JisacConfig) -> dict:
     """Runs the demo; returns (and writes to ``summary.json``) its figures."""
     isac, demo = cfg.isac, cfg.demo
     if demo.n_views < 1 or demo.n_particles < 1:
-        raise ValueError("demo.n_views and demo.n_particles must be >= 1")
+        raise ConfigError("demo.n_views and demo.n_particles must be >= 1")
     if demo.snr <= 0:
-        raise ValueError(f"demo.snr must be > 0 (got {demo.snr})")
+        raise ConfigError(f"demo.snr must be > 0 (got {demo.snr})")
     budget = config.budget(cfg)
     options = config.isac_params(cfg).align
     batch, ref_chunk = align.chunk_sizes_for_budget(

@@ -47,6 +47,11 @@ def order_averages(averages: np.ndarray, p: isac.IsacParams) -> np.ndarray:
     return np.asarray(order)
 
 
+def run_fingerprint(p: isac.IsacParams, seed: int, data_id: str, criterion=None) -> str:
+    """The identity of a run (``checkpoint.fingerprint`` of its parameters, seed, input and criterion)."""
+    return checkpoint.fingerprint(p, seed, f"{data_id}|{criterion.name if criterion is not None else 'pixel_error'}")
+
+
 def finish(state: isac.IsacState, p: isac.IsacParams, seconds: dict) -> outputs.ClassificationResult:
     """The final result of a run state: the accepted averages ordered (``order_averages``), every particle's
     class number in that order, its parameters (``(0, 0, 0, -1)`` if unaccounted) and pixel error."""
@@ -95,15 +100,10 @@ def classify(
     if main:
         out.mkdir(parents=True, exist_ok=True)
     p.validate(len(images))
-    run_id = checkpoint.fingerprint(p, seed, f"{data_id}|{criterion.name if criterion is not None else 'pixel_error'}")
-    ckpt = out / "checkpoint" / "state.npz"
-    state = None
-    if ckpt.exists():
-        state = checkpoint.load_state(ckpt, run_id)  # refuses another run's folder, restart or not
-        if not restart:
-            raise checkpoint.RunMismatchError(
-                f"{out}: holds a finished or interrupted run; use isac.restart=true or another output_dir"
-            )
+    run_id = run_fingerprint(p, seed, data_id, criterion)
+    ckpt = out / checkpoint.CHECKPOINT
+    state = checkpoint.refuse_other_run(out, run_id, restart)  # refuses another run's folder, restart or not
+    if state is not None:
         log.info("restarting after generation %d (%d particles accounted)", state.generation, state.accounted)
     t0 = time.perf_counter()
 

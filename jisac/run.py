@@ -10,6 +10,7 @@ every output file once from the result (``io.outputs.write_run``) and the report
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,11 +20,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jisac import cache, config, ctf, devices, io, memory, pipeline, prealign, preprocess, rows, sharding
+from jisac import cache, checkpoint, config, ctf, devices, filters, io, memory, pipeline, prealign, preprocess, rows
+from jisac import sharding
 from jisac import report as html_report
 from jisac.budget import working_stack_on_disk
 from jisac.demo import demo_stack
 from jisac.diskarray import DiskArray
+from jisac.errors import ConfigError, InputError
 from jisac.io import outputs
 
 log = logging.getLogger("jisac")
@@ -60,7 +63,11 @@ def _working_stack(stack, prep: preprocess.PreprocessParams, ctf_params, shifts,
 
 
 def run(cfg: config.JisacConfig) -> dict:
-    """Runs ISAC as configured; returns the summary (also in ``summary.json``)."""
+    """Runs ISAC as configured; returns the summary (also in ``summary.json``).
+
+    Everything that can be checked before heavy work is checked first, each failing with one ``InputError``
+    line: every option (``config.run_params``), the stack (``io.open_stack``), the output folder (writable, not in
+    use by another run, not holding another run's state). The folder is locked for the run's duration."""
     out = Path(cfg.output_dir)
     t0 = time.perf_counter()
     if cfg.data.stack is None:
@@ -72,28 +79,54 @@ def run(cfg: config.JisacConfig) -> dict:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, stack=str(path)),
                                   isac=dataclasses.replace(cfg.isac, radius=radius, ctf=True))
     elif cfg.isac.radius is None:
-        raise ValueError("isac.radius is required: the particle radius in pixels of the input stack")
+        raise ConfigError("isac.radius is required: the particle radius in pixels of the input stack")
     path = cfg.data.stack
     if cfg.data.pixel_size is not None and not cfg.data.pixel_size > 0:
-        raise ValueError(f"data.pixel_size must be > 0 Angstrom/px (got {cfg.data.pixel_size})")
+        raise ConfigError(f"data.pixel_size must be > 0 Angstrom/px (got {cfg.data.pixel_size})")
     stack = io.open_stack(path, pixel_size=cfg.data.pixel_size, project_dir=cfg.data.project_dir)
     n, box = len(stack), stack.box_size
     pixel_size = io.require_pixel_size(stack)
     try:
         rp = config.run_params(cfg, n, box)  # every option checked before heavy work
-    except ValueError as err:
-        raise ValueError(f"{err} (stack {path})") if "isac.radius=" in str(err) else err from None
+    except ConfigError as err:
+        raise ConfigError(f"{err} (stack {path})") if "isac.radius=" in str(err) else err from None
+    ctf_params = _ctf_params(stack, rp.preprocess.ctf)
+    prep = rp.preprocess
+    if not rp.skip_prealignment:
+        try:
+            prealign.search_stages(prep.shrunk_size(box), rp.isac.target_radius)
+        except ValueError as err:
+            raise ConfigError(f"{err}; set isac.skip_prealignment=true or a smaller isac.target_radius") from None
+    data_id = repr((_stack_id(str(path)), prep.radius, prep.ctf, prep.vpp, rp.skip_prealignment))
+    main = sharding.is_main_process()
+    if main:
+        checkpoint.prepare_output_dir(out)
+    lock = checkpoint.output_dir_lock(out) if main else contextlib.nullcontext()
+    with lock:
+        # a folder holding another run's state is refused here, before pre-alignment
+        checkpoint.refuse_other_run(out, pipeline.run_fingerprint(rp.isac, rp.seed, data_id, rp.criterion),
+                                    rp.restart)
+        return _run(cfg, rp, stack, path, pixel_size, ctf_params, data_id, out, t0)
+
+
+def _run(cfg: config.JisacConfig, rp: config.RunParams, stack, path, pixel_size: float, ctf_params, data_id: str,
+         out: Path, t0: float) -> dict:
+    n, box = len(stack), stack.box_size
     mesh = devices.mesh_from_config(cfg.hardware)
     report = memory.MemoryReport()
     p, prep, budget = rp.isac, rp.preprocess, rp.budget
-    ctf_params = _ctf_params(stack, prep.ctf)
     s = prep.shrink_ratio
     log.info("%d particles, %d px box, %.3f A/px, radius %d px -> shrink ratio %.4f", n, box, pixel_size,
              prep.radius, s)
     timings = {}
     # The preprocessing cache is for single-process runs (several processes would race on its entries).
     digest = cache.data_digest() if rp.cache and jax.process_count() == 1 else None
-    keep = _finite_particles(stack, rp.drop_nonfinite, digest)
+    keep = _usable_particles(stack, prep.radius, rp.drop_unusable, digest)
+    if len(keep) < 2 * p.img_per_grp:
+        raise InputError(
+            f"{stack.source}: {len(keep)} usable particle(s) of {n} are fewer than 2 x isac.img_per_grp "
+            f"({2 * p.img_per_grp}); lower isac.img_per_grp or give more particles"
+            if len(keep) else f"{stack.source}: no usable particle (every image is empty, constant or not finite)")
     disk = working_stack_on_disk(n, p.target_nx, budget, out)
     if disk is not None:
         log.info("the working stack (%.0f MB) is above half of hardware.host_memory_budget_mb: kept on disk at %s",
@@ -103,9 +136,8 @@ def run(cfg: config.JisacConfig) -> dict:
     shifts, images, cache_record = _cached_preprocessing(rp, stack, ctf_params, keep, pixel_size, digest,
                                                          timings, mesh, disk, report)
 
-    data_id = (_stack_id(str(path)), prep.radius, prep.ctf, prep.vpp, rp.skip_prealignment)
     result = pipeline.classify(
-        images, p, out, seed=rp.seed, data_id=repr(data_id), restart=rp.restart, mesh=mesh,
+        images, p, out, seed=rp.seed, data_id=data_id, restart=rp.restart, mesh=mesh,
         criterion=rp.criterion, budget=budget, pixel_size=pixel_size / s,
         after_generation=lambda state: _refresh_report(out),
     )
@@ -163,10 +195,6 @@ def _preprocess(stack, rp: config.RunParams, ctf_params, keep: np.ndarray, pixel
         shrunk_box = prep.shrunk_size(box)
         copies = _working_stack(stack, prep._replace(target_nx=shrunk_box), ctf_params, None, pixel_size,
                                 disk and disk.with_name("prealign_stack.mrcs"))
-        try:
-            prealign.search_stages(shrunk_box, p.target_radius)
-        except ValueError as err:
-            raise ValueError(f"{err}; set isac.skip_prealignment=true or a smaller isac.target_radius") from None
         shifts_shrunk = np.zeros((n, 2), np.float32)
         shifts_shrunk[keep] = prealign.prealign(
             _kept(copies, keep), p.target_radius, jax.random.fold_in(jax.random.key(seed), 0),
@@ -195,7 +223,7 @@ def _cached_preprocessing(rp: config.RunParams, stack, ctf_params, keep: np.ndar
         return shifts, images, {"status": "off"}
     settings = {
         "n": len(stack), "box": stack.box_size, "pixel_size": float(pixel_size), **rp.preprocess._asdict(),
-        "skip_prealignment": rp.skip_prealignment, "drop_nonfinite": rp.drop_nonfinite,
+        "skip_prealignment": rp.skip_prealignment, "drop_unusable": rp.drop_unusable,
         # the pre-alignment's random start comes from rand_seed; without pre-alignment the seed plays no part
         "prealignment_seed": None if rp.skip_prealignment else rp.seed,
     }
@@ -219,21 +247,38 @@ def _cached_preprocessing(rp: config.RunParams, stack, ctf_params, keep: np.ndar
     return shifts, images, {"status": "miss", "key": key, "path": str(folder / key)}
 
 
-def _finite_particles(stack, drop: bool, digest=None) -> np.ndarray:
-    """Indices of the particles without NaN/Inf pixels; stops with one line naming them unless ``drop``.
+def _usable_particles(stack, radius: int, drop: bool, digest=None) -> np.ndarray:
+    """Indices of the usable particles: all pixels finite and not constant inside the particle's circle
+    (``radius`` px; an empty or constant image has no signal but would align identically in every stability run
+    and pass the test). Stops with one line naming the others unless ``drop`` (``data.drop_unusable``).
     ``digest``: a ``jisac.cache.data_digest()`` fed every image on the way (this pass reads the whole stack)."""
-    bad = []
+    nonfinite, spread = [], np.zeros(len(stack))
+    inside = None
     for idx, images in stack.iter_batches(1024):
         if digest is not None:
             cache.update_digest(digest, images)
-        finite = np.isfinite(np.asarray(images).reshape(len(images), -1)).all(1)
-        bad.extend(np.asarray(idx)[~finite].tolist())
-    if bad and not drop:
-        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-        raise io.StackError(
-            f"{stack.source}: {len(bad)} particle(s) have NaN or Inf pixels (0-based indices {shown}); remove them "
-            "or set data.drop_nonfinite=true to leave them out"
-        )
-    if bad:
-        log.warning("leaving out %d particle(s) with NaN or Inf pixels (data.drop_nonfinite=true)", len(bad))
-    return np.setdiff1d(np.arange(len(stack)), np.asarray(bad, np.int64))
+        images = np.asarray(images)
+        if inside is None:
+            inside = filters.circular_mask(images.shape[1], images.shape[2], radius)
+        finite = np.isfinite(images.reshape(len(images), -1)).all(1)
+        nonfinite.extend(np.asarray(idx)[~finite].tolist())
+        with np.errstate(invalid="ignore", over="ignore"):
+            spread[np.asarray(idx)] = np.where(finite, images[:, inside].astype(np.float64).std(1), np.nan)
+    # constant: no variation inside the circle, relative to the stack's typical particle (a stack of blank
+    # images has a typical spread of 0, and then every image is constant)
+    typical = np.nanmedian(spread) if np.isfinite(spread).any() else 0.0
+    constant = np.nonzero(np.isfinite(spread) & (spread <= 1e-6 * typical))[0].tolist()
+    if (nonfinite or constant) and not drop:
+        parts = []
+        for what, bad in (("NaN or Inf pixels", nonfinite), ("no signal (empty or constant inside the particle "
+                                                                "radius)", constant)):
+            if bad:
+                shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+                parts.append(f"{len(bad)} particle(s) have {what} (0-based indices {shown})")
+        raise io.StackError(f"{stack.source}: " + "; ".join(parts) + "; remove them or set data.drop_unusable=true "
+                            "to leave them out")
+    if nonfinite:
+        log.warning("leaving out %d particle(s) with NaN or Inf pixels (data.drop_unusable=true)", len(nonfinite))
+    if constant:
+        log.warning("leaving out %d empty or constant particle(s) (data.drop_unusable=true)", len(constant))
+    return np.setdiff1d(np.arange(len(stack)), np.asarray(nonfinite + constant, np.int64))

@@ -39,3 +39,16 @@ def class_purity(classes: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each accounted class (class > 0) held by its most common true view."""
     shares = [np.bincount(truth[classes == c]).max() / (classes == c).sum() for c in np.unique(classes[classes > 0])]
     return float(np.mean(shares)) if shares else float("nan")
+
+
+def same_outputs(a: Path, b: Path, names=("particle_classes.txt", "all_parameters.txt", "class_averages.mrcs")) -> None:
+    """Asserts that two run folders hold exactly the same results: text files byte for byte, MRC stacks' data
+    and voxel size (their headers carry a creation time)."""
+    import mrcfile
+
+    for name in names:
+        if name.endswith((".mrc", ".mrcs")):
+            with mrcfile.open(a / name) as ma, mrcfile.open(b / name) as mb:
+                assert np.array_equal(ma.data, mb.data) and ma.voxel_size == mb.voxel_size, f"{a} / {b}: {name}"
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), f"{a} and {b} differ in {name}"

@@ -44,7 +44,7 @@ REACHES = {
     "align.particle_chunk": (64, lambda r: r.budget.particle_chunk),
     "hardware.memory_budget_mb": (300, lambda r: r.budget.device_bytes),
     "hardware.host_memory_budget_mb": (2048, lambda r: r.budget.host_bytes),
-    "data.drop_nonfinite": (True, lambda r: r.drop_nonfinite),
+    "data.drop_unusable": (True, lambda r: r.drop_unusable),
     "data.cache": (False, lambda r: r.cache),
     "data.cache_dir": ("/tmp/elsewhere", lambda r: r.cache_dir),
     "stability.max_iter": (20, lambda r: r.criterion.score.keywords["max_iter"]),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jisac
+from tests.helpers import same_outputs
 from jisac.io import outputs
 from jisac import checkpoint, criteria, filters, isac, pipeline, synthetic
 
@@ -92,8 +93,7 @@ def test_killed_run_restarts_to_the_same_result(stack, tmp_path, monkeypatch):
     assert not (tmp_path / "summary.json").exists()  # an interrupted run does not look finished
     monkeypatch.setattr(isac, "run_generation", real)
     jisac.classify(stack[0], params, tmp_path, seed=3, data_id="test")
-    for name in ("particle_classes.txt", "all_parameters.txt", "class_averages.mrcs"):
-        assert (tmp_path / name).read_bytes() == (out_full / name).read_bytes(), name  # exactly the same
+    same_outputs(tmp_path, out_full)  # exactly the same
 
 
 def test_a_different_run_is_refused_in_the_same_folder(stack, full_run):

@@ -107,24 +107,6 @@ def test_command_line_reports_one_line_errors(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.filterwarnings("ignore:Data array contains NaN values")
-def test_nan_particles_stop_the_run_or_are_left_out(tmp_path):
-    rng = np.random.default_rng(5)
-    images = rng.standard_normal((70, 32, 32)).astype(np.float32)
-    images[[3, 40], 5, 5] = np.nan
-    write_stack_and_star(tmp_path / "p.star", tmp_path / "p.mrcs", images, pixel_size=2.0)
-    cfg = config.JisacConfig(
-        output_dir=str(tmp_path / "out"), data=config.DataConfig(stack=str(tmp_path / "p.star")),
-        isac=config.IsacConfig(radius=12, img_per_grp=30, minimum_grp_size=10, target_radius=12, target_nx=32),
-    )
-    with pytest.raises(ValueError, match=r"2 particle\(s\) have NaN or Inf pixels \(0-based indices 3, 40\)"):
-        run.run(cfg)
-    from jisac import io
-
-    stack = io.open_stack(tmp_path / "p.star")
-    np.testing.assert_array_equal(run._finite_particles(stack, drop=True), np.setdiff1d(np.arange(70), [3, 40]))
-
-
 @pytest.mark.slow
 def test_killed_process_restarts_to_the_same_result(tmp_path):
     """SIGKILL a real ``python -m jisac`` once its first generation is checkpointed; the same command again

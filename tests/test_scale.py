@@ -17,6 +17,7 @@ import pytest
 from jisac import align, average, budget, config, devices, memory, rows, sharding, within_group
 from jisac import transforms as T
 from jisac.diskarray import DiskArray
+from tests.helpers import same_outputs
 
 WORKER = Path(__file__).with_name("scale_worker.py")
 ROOT = WORKER.parent.parent
@@ -163,8 +164,7 @@ def device_runs(tmp_path_factory):
 
 def _same_results(a: Path, b: Path):
     """Bit for bit: the code promises the same classes, parameters and averages whatever the split."""
-    for name in ("particle_classes.txt", "all_parameters.txt", "class_averages.mrcs", "particles.star"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{a.name} and {b.name} differ in {name}"
+    same_outputs(a, b, ("particle_classes.txt", "all_parameters.txt", "class_averages.mrcs", "particles.star"))
 
 
 @pytest.mark.slow

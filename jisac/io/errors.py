@@ -3,8 +3,12 @@ row or parameter at fault and what to do about it, so a user never has to read a
 
 from __future__ import annotations
 
+from pathlib import Path
 
-class StackError(ValueError):
+from jisac.errors import InputError
+
+
+class StackError(InputError):
     """Bad or unreadable input (a stack, a STAR/.cs/HDF file, a missing parameter). The message is one line."""
 
 
@@ -16,8 +20,6 @@ def require_file(path, what: str) -> None:
     """Raises unless ``path`` is an existing regular file: a missing path gives :class:`StackFileNotFoundError`
     ("no such <what>"), a folder gives :class:`StackError` saying it is a folder (not "no such file", which would
     send the user looking for something that exists)."""
-    from pathlib import Path
-
     path = Path(path)
     if path.is_dir():
         raise StackError(f"{path}: is a folder, not a {what}; give the file itself (e.g. {path}/<name>"
