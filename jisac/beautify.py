@@ -266,8 +266,8 @@ def _refine_one(up, p: Transform2D, ctfp, ref, *, n, mode, offsets, r):
     flat = jnp.argmax(inner.reshape(-1))
     j, iy, ix = jnp.unravel_index(flat, inner.shape)
     wy, wx = iy + 1, ix + 1
-    dy = d[1:-1][iy] + _parabola_peak(win[j, wy - 1, wx], win[j, wy, wx], win[j, wy + 1, wx])
-    dx = d[1:-1][ix] + _parabola_peak(win[j, wy, wx - 1], win[j, wy, wx], win[j, wy, wx + 1])
+    dy = (iy - r) + _parabola_peak(win[j, wy - 1, wx], win[j, wy, wx], win[j, wy + 1, wx])
+    dx = (ix - r) + _parabola_peak(win[j, wy, wx - 1], win[j, wy, wx], win[j, wy, wx + 1])
     new = transforms.compose(Transform2D(*(f[j] for f in cand)),
                              Transform2D(jnp.float32(0), dx.astype(jnp.float32), dy.astype(jnp.float32),
                                          jnp.asarray(False)))
