@@ -290,6 +290,25 @@ def _chunk_refine(images, p: Transform2D, ctfp, seg, refs, *, radius, mode, n_se
     return s, w, new, score
 
 
+def refine_local(images, params: Transform2D, ctf_params: ctf_mod.CTFParams, reference, bp: BeautifyParams):
+    """Local refinement of ``(b, n, n)`` particles against one class-frame ``reference`` ``(n, n)`` image.
+
+    Each particle's rotation (about the class centre, ``bp.angle_offsets()``) and shift (integer window of
+    ``bp.refine_shift_range_px`` plus a parabolic sub-pixel peak) are searched around ``params`` (fields
+    ``(b,)``), scoring ``sum_k conj(h_i A) X_i`` with ``h_i`` the member's class-frame CTF weight (``bp.ctf``).
+
+    Returns:
+        ``(refined Transform2D (b,), scores (b,))``.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    refs = jnp.fft.rfft2(jnp.asarray(reference, jnp.float32))[None]
+    seg = jnp.ones(images.shape[0], jnp.int32)  # half 1 of class 0: its reference is refs[1 ^ 1] = refs[0]
+    _, _, new, score = _chunk_refine(images, params, ctf_params, seg, refs, radius=float(bp.radius_px),
+                                     mode=bp.ctf, n_seg=2, offsets=bp.angle_offsets(),
+                                     r=int(bp.refine_shift_range_px))
+    return new, score
+
+
 # ------------------------------------------------------------------------------ averages, SSNR, resolution
 
 
