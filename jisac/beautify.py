@@ -319,11 +319,14 @@ def _shell_index(n: int) -> np.ndarray:
 
 
 def shell_mean(values: np.ndarray) -> np.ndarray:
-    """Mean of an ``(n, n//2 + 1)`` rfft2-grid array over each FRC shell: ``(n//2 + 1,)``."""
+    """Mean of an ``(n, n//2 + 1)`` rfft2-grid array over each FRC shell: ``(n//2 + 1,)`` (corners beyond Nyquist
+    left out)."""
     values = np.asarray(values, np.float64)
-    shell = _shell_index(values.shape[0])
-    counts = np.bincount(shell.ravel(), minlength=values.shape[0] // 2 + 1)
-    sums = np.bincount(shell.ravel(), weights=values.ravel(), minlength=values.shape[0] // 2 + 1)
+    n = values.shape[0]
+    shell = np.rint(filters.radial_frequency(n, n) * n).astype(np.int64)
+    inside = shell <= n // 2  # the corners beyond Nyquist belong to no shell (as in the FRC)
+    counts = np.bincount(shell[inside], minlength=n // 2 + 1)
+    sums = np.bincount(shell[inside], weights=values[inside], minlength=n // 2 + 1)
     return sums / np.maximum(counts, 1)
 
 

@@ -230,3 +230,23 @@ def test_refine_local_moves_perturbed_parameters_towards_the_truth():
     # the shift (parabolic peak) gets within 0.35 px on average
     assert np.mean(a1) < 0.5 * np.mean(a0)
     assert np.mean(s1) < 0.35 < np.mean(s0)
+
+
+def test_guinier_fit_recovers_a_known_b_factor_and_sharpening_undoes_it():
+    rng = np.random.default_rng(2)
+    n, apix, b_true = 128, 2.0, 120.0
+    k = filters.radial_frequency(n, n) / apix  # 1/A
+    phases = np.fft.rfft2(rng.standard_normal((n, n)))
+    ft = phases / np.maximum(np.abs(phases), 1e-12) * np.exp(-b_true * k**2 / 4)
+    image = np.fft.irfft2(ft, s=(n, n))
+    # unit amplitudes times exp(-B k^2 / 4): the fit of ln(amplitude) on k^2 from 20 A to Nyquist is exact up to
+    # the shell averaging of a curve (< 2 %)
+    b = B.guinier_bfactor(image, apix, start_angst=20.0)
+    assert b == pytest.approx(b_true, rel=0.02)
+    sharp, b_applied = B.sharpen(image, apix, "guinier", start_angst=20.0)
+    assert b_applied == pytest.approx(b)
+    amp = B.rotational_amplitude(sharp)
+    assert np.ptp(amp[5:]) / np.mean(amp[5:]) < 0.1  # flat again
+    low, _ = B.sharpen(image, apix, "none", lowpass_freq=0.1)
+    amp_low = B.rotational_amplitude(low)
+    assert amp_low[int(0.2 * n)] < 1e-3 * B.rotational_amplitude(image)[int(0.2 * n)]
