@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -136,6 +137,7 @@ def main():
     ap.add_argument("--snr", type=float, default=0.07)
     ap.add_argument("--cone", type=float, default=10.0, help="view spread within a class, degrees")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary run folder (+ truth.npz) and say where")
     args = ap.parse_args()
     if not MAP.is_file():
         print(f"{MAP} not found: skipping the beautifier benchmark")
@@ -216,6 +218,8 @@ def main():
     mask = filters.soft_circular_mask(BOX, BOX, RADIUS, 5.0)
     cutoff = 3.0 / (2 * RADIUS)  # 1 / (diameter / 3)
     truth_members = np.stack([clean_class_frame[labels == j].mean(0) for j in range(k)])
+    if args.keep:
+        np.savez(tmp / "truth.npz", members=truth_members, centre=truth_centre, labels=labels)
 
     rows = {}
     variants = {
@@ -271,6 +275,10 @@ def main():
     result = {"particles": n, "classes": k, "box": BOX, "pixel_size": APIX, "snr": args.snr, "cone_deg": args.cone,
               "convention_check": round(float(conv), 4), "simulation_s": round(t_sim, 1),
               "cpu_count": os.cpu_count(), **{name: r for name, r in rows.items()}}
+    if args.keep:
+        print(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result, default=lambda v: round(float(v), 4)))
 
 
