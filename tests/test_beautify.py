@@ -250,3 +250,14 @@ def test_guinier_fit_recovers_a_known_b_factor_and_sharpening_undoes_it():
     low, _ = B.sharpen(image, apix, "none", lowpass_freq=0.1)
     amp_low = B.rotational_amplitude(low)
     assert amp_low[int(0.2 * n)] < 1e-3 * B.rotational_amplitude(image)[int(0.2 * n)]
+
+
+def test_bad_inputs_fail_fast_naming_the_file_or_option(tmp_path):
+    from jisac.io import StackError
+
+    with pytest.raises(StackError, match="particles.star: no such file"):
+        B.beautify_run(tmp_path, B.BeautifyParams(radius_px=10.0))
+    with pytest.raises(ValueError, match="beautify.ctf"):
+        B.BeautifyParams(radius_px=10.0, ctf="wien").validate(64)
+    with pytest.raises(ValueError, match="beautify.radius_px"):
+        B.BeautifyParams(radius_px=40.0).validate(64)
