@@ -244,6 +244,16 @@ def main():
             "passes": [c["refinement_passes"] for c in summ["classes"]],
         }
 
+    # parameter errors against the truth: what ISAC handed over vs what local refinement made of it
+    def param_errors(q):
+        e = transforms.compose(transforms.inverse(p_true), q)  # the identity when q = p_true
+        angle = np.abs((np.asarray(e.angle) + 180) % 360 - 180)
+        return float(np.median(angle)), float(np.median(np.hypot(np.asarray(e.shift_x), np.asarray(e.shift_y))))
+
+    refined_table = B.read_run_particles(tmp / "out_wiener+refine")
+    errors = {"given": param_errors(given),
+              "refined": param_errors(B.parameters_from_table(refined_table, APIX))}
+
     # the working-frame average of a jisac run (same perturbed parameters, working pixels)
     t1 = time.perf_counter()
     pp = preprocess.PreprocessParams(radius=RADIUS, ctf=True)
@@ -277,7 +287,10 @@ def main():
         print(f"{name:16s} time {r['seconds']} s" + (f", {r['particles_per_s']} particles/s"
                                                       if r["particles_per_s"] else ""))
     print(f"wiener again (compiled): {warm:.1f} s, {n / warm:.1f} particles/s")
-    result = {"particles": n, "wiener_warm_particles_per_s": round(n / warm, 1), "classes": k, "box": BOX, "pixel_size": APIX, "snr": args.snr, "cone_deg": args.cone,
+    for key, (a, d) in errors.items():
+        print(f"parameters {key:8s}: median angle error {a:.2f} deg, median shift error {d:.2f} px")
+    result = {"particles": n, "wiener_warm_particles_per_s": round(n / warm, 1),
+              "median_param_errors_deg_px": errors, "classes": k, "box": BOX, "pixel_size": APIX, "snr": args.snr, "cone_deg": args.cone,
               "convention_check": round(float(conv), 4), "simulation_s": round(t_sim, 1),
               "cpu_count": os.cpu_count(), **{name: r for name, r in rows.items()}}
     if args.keep:
