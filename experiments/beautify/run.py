@@ -290,7 +290,8 @@ def main():
     for key, (a, d) in errors.items():
         print(f"parameters {key:8s}: median angle error {a:.2f} deg, median shift error {d:.2f} px")
     result = {"particles": n, "wiener_warm_particles_per_s": round(n / warm, 1),
-              "median_param_errors_deg_px": errors, "classes": k, "box": BOX, "pixel_size": APIX, "snr": args.snr, "cone_deg": args.cone,
+              "median_param_errors_deg_px": errors, "classes": k, "box": BOX, "pixel_size": APIX, "snr": args.snr,
+              "cone_deg": args.cone,
               "convention_check": round(float(conv), 4), "simulation_s": round(t_sim, 1),
               "cpu_count": os.cpu_count(), **{name: r for name, r in rows.items()}}
     if args.keep:
