@@ -137,6 +137,8 @@ def main():
     ap.add_argument("--snr", type=float, default=0.07)
     ap.add_argument("--cone", type=float, default=10.0, help="view spread within a class, degrees")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--truth-draws", type=int, default=400,
+                    help="independent views per class averaged into the expected class average (the truth)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary run folder (+ truth.npz) and say where")
     args = ap.parse_args()
     if not MAP.is_file():
@@ -166,7 +168,8 @@ def main():
     r_part = synthetic.euler_to_matrix(0.0, 0.0, q) @ r_member
 
     def batched(fn, *arrays, size=100):
-        return np.concatenate([np.asarray(fn(*(a[i:i + size] for a in arrays))) for i in range(0, n, size)])
+        count = len(arrays[0])
+        return np.concatenate([np.asarray(fn(*(a[i:i + size] for a in arrays))) for i in range(0, count, size)])
 
     zero = np.zeros((n, 2), np.float32)
     clean_class_frame = batched(project, r_member.astype(np.float32), zero)  # (n, BOX, BOX)
@@ -217,9 +220,22 @@ def main():
 
     mask = filters.soft_circular_mask(BOX, BOX, RADIUS, 5.0)
     cutoff = 3.0 / (2 * RADIUS)  # 1 / (diameter / 3)
-    truth_members = np.stack([clean_class_frame[labels == j].mean(0) for j in range(k)])
+    # The truth an average estimates is the EXPECTED class average: the mean clean class-frame projection over the
+    # class's view distribution, drawn here independently of the members (the mean over the members themselves
+    # shares their view-to-view differences, which then read as signal: it flatters an unfiltered average).
+    truth_rng = np.random.default_rng(args.seed + 100)
+    d = args.truth_draws
+    truth_members = []
+    for j in range(k):
+        phi_t = truth_rng.uniform(0, 2 * np.pi, d)
+        tilt_t = args.cone * np.sqrt(truth_rng.uniform(0, 1, d))
+        r_t = rot_about_axis(np.stack([np.cos(phi_t), np.sin(phi_t), np.zeros(d)], 1), tilt_t) @ r_centre[j]
+        truth_members.append(batched(project, r_t.astype(np.float32), np.zeros((d, 2), np.float32)).mean(0) * scale)
+    truth_members = np.stack(truth_members)
+    member_means = np.stack([clean_class_frame[labels == j].mean(0) for j in range(k)])
     if args.keep:
-        np.savez(tmp / "truth.npz", members=truth_members, centre=truth_centre, labels=labels)
+        np.savez(tmp / "truth.npz", members=truth_members, member_means=member_means, centre=truth_centre,
+                 labels=labels)
 
     rows = {}
     variants = {
@@ -241,6 +257,7 @@ def main():
             "corr": [highpass_corr(avgs[j], truth_centre[j], cutoff, mask) for j in range(k)],
             "res_frc0143": [c["resolution_angst"] for c in summ["classes"]],
             "res_truth05": [truth_resolution(avgs[j], truth_members[j], mask) for j in range(k)],
+            "res_member_mean05": [truth_resolution(avgs[j], member_means[j], mask) for j in range(k)],
             "passes": [c["refinement_passes"] for c in summ["classes"]],
         }
 
@@ -271,6 +288,7 @@ def main():
         "corr": [highpass_corr(rows_w[j], truth_centre[j], cutoff, mask) for j in range(k)],
         "res_frc0143": [None] * k,
         "res_truth05": [truth_resolution(rows_w[j], truth_members[j], mask) for j in range(k)],
+        "res_member_mean05": [truth_resolution(rows_w[j], member_means[j], mask) for j in range(k)],
         "passes": [0] * k,
     }
 
