@@ -532,7 +532,10 @@ def _batch_pass(stack, members: list[np.ndarray], params: Transform2D, ctfp, bp:
     Returns ``(s (2B, n, m) complex128, w (2B, n, m), new params of every member or None)``; segment ``2b + h``
     is half ``h`` (member position parity) of class ``b``."""
     n = stack.box_size
-    n_seg = 2 * len(members)
+    n_used = 2 * len(members)
+    # one segment count for every batch and refinement pass (the kernels' static shape): no recompilation when the
+    # last batch is smaller or refinement leaves some classes out
+    n_seg = 2 * max(bp.class_batch, len(members))
     idx = np.concatenate(members)
     seg = np.concatenate([2 * b + (np.arange(len(m)) % 2) for b, m in enumerate(members)]).astype(np.int32)
     order = np.argsort(idx, kind="stable")
@@ -541,7 +544,7 @@ def _batch_pass(stack, members: list[np.ndarray], params: Transform2D, ctfp, bp:
     w = np.zeros((n_seg, n, n // 2 + 1), np.float64)
     new_params = {f: np.zeros(len(idx), np.float32 if f != "mirror" else bool) for f in Transform2D._fields}
     chunk = bp.chunk
-    refs_j = None if refs is None else jnp.asarray(refs)
+    refs_j = None if refs is None else jnp.asarray(_pad(np.asarray(refs, np.complex64), n_seg, 0.0))
     for start in range(0, len(idx), chunk):
         rows = idx[start:start + chunk]
         k = len(rows)
@@ -559,6 +562,7 @@ def _batch_pass(stack, members: list[np.ndarray], params: Transform2D, ctfp, bp:
                 new_params[f][start:start + k] = np.asarray(v)[:k]
         s += np.asarray(cs)
         w += np.asarray(cw)
+    s, w = s[:n_used], w[:n_used]
     if refs is None:
         return s, w, None
     back = np.empty_like(order)
