@@ -86,7 +86,9 @@ class BeautifyParams(NamedTuple):
         b_factor: B in A^2 for ``"bfactor"`` (positive sharpens).
         guinier_start_angst: low-resolution end of the Guinier fit, A (SPHIRE's ``--B_start``, 45 A).
         lowpass: ``"none"``, ``"resolution"`` (tanh at each class's FRC resolution) or a float in cycles/px.
-        chunk: members per jitted call.
+        chunk: members per jitted call. Local refinement holds ``chunk x angles`` Fourier transforms and
+            correlation maps at once (~ ``chunk * angles * box^2 * 12`` bytes: 180 MB for 64 x 9 at 160 px): lower
+            it for large boxes.
         class_batch: classes per batch (the unit of ``progress`` and of the Fourier accumulators in memory).
         frc_threshold: FRC level defining the resolution (0.143 for split halves).
         ssnr_floor: floor of the class-average SSNR per shell (keeps the Wiener term finite).
@@ -118,15 +120,22 @@ class BeautifyParams(NamedTuple):
             raise ValueError(f"beautify.ctf '{self.ctf}' must be one of {', '.join(_CTF_MODES)}")
         if self.sharpen not in _SHARPEN_MODES:
             raise ValueError(f"beautify.sharpen '{self.sharpen}' must be one of {', '.join(_SHARPEN_MODES)}")
-        if isinstance(self.lowpass, str):
-            if self.lowpass not in ("none", "resolution"):
-                raise ValueError(f"beautify.lowpass '{self.lowpass}' must be none, resolution or a frequency")
-        elif not 0 < float(self.lowpass) <= 0.5:
-            raise ValueError(f"beautify.lowpass ({self.lowpass}) must be a frequency in (0, 0.5] cycles/px")
+        if self.lowpass not in ("none", "resolution"):
+            freq = self.lowpass_frequency()
+            if freq is None or not 0 < freq <= 0.5:
+                raise ValueError(f"beautify.lowpass ({self.lowpass}) must be none, resolution or a frequency in "
+                                 "(0, 0.5] cycles/px")
         if self.chunk < 1 or self.class_batch < 1:
             raise ValueError("beautify.chunk and beautify.class_batch must be >= 1")
         if self.refine_angle_step_deg <= 0 or self.refine_shift_range_px < 0 or self.refine_iterations < 0:
             raise ValueError("beautify.refine_*: the angle step must be > 0, shift range and iterations >= 0")
+
+    def lowpass_frequency(self) -> float | None:
+        """``lowpass`` as a frequency (cycles/px; a number or a numeric string from the command line), else None."""
+        try:
+            return float(self.lowpass)
+        except (TypeError, ValueError):
+            return None
 
     def angle_offsets(self) -> tuple[float, ...]:
         """The refinement's rotation offsets (degrees), symmetric about 0."""
@@ -638,7 +647,7 @@ def _finish(result: ClassResult, bp: BeautifyParams, pixel_size: float) -> tuple
     elif bp.lowpass == "none":
         lp = None
     else:
-        lp = float(bp.lowpass)
+        lp = bp.lowpass_frequency()
     return sharpen(result.average, pixel_size, bp.sharpen, bp.b_factor, bp.guinier_start_angst, res_freq, lp)
 
 

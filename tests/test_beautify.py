@@ -197,6 +197,11 @@ def test_beautify_run_end_to_end(tmp_path):
         assert (out / name).is_file(), name
     for c in summary["classes"]:
         assert 2 * apix <= c["resolution_angst"] < 30.0
+    # sharpening and the low-pass at each class's resolution run through the same path (kernels already compiled)
+    sharp = B.beautify_run(run, bp._replace(sharpen="bfactor", b_factor=50.0, lowpass="resolution"),
+                           out_dir=tmp_path / "sharp")
+    assert [c["b_factor"] for c in sharp["classes"]] == [50.0] * 3
+    assert mrcfile.read(tmp_path / "sharp" / "class_averages.mrcs").shape == (3, box, box)
 
 
 def test_refine_local_moves_perturbed_parameters_towards_the_truth():
@@ -261,3 +266,13 @@ def test_bad_inputs_fail_fast_naming_the_file_or_option(tmp_path):
         B.BeautifyParams(radius_px=10.0, ctf="wien").validate(64)
     with pytest.raises(ValueError, match="beautify.radius_px"):
         B.BeautifyParams(radius_px=40.0).validate(64)
+
+
+def test_lowpass_option_accepts_a_numeric_string_from_the_command_line():
+    assert B.BeautifyParams(radius_px=10.0, lowpass="0.2").lowpass_frequency() == pytest.approx(0.2)
+    B.BeautifyParams(radius_px=10.0, lowpass="0.2").validate(64)
+    B.BeautifyParams(radius_px=10.0, lowpass="resolution").validate(64)
+    with pytest.raises(ValueError, match="beautify.lowpass"):
+        B.BeautifyParams(radius_px=10.0, lowpass="0.7").validate(64)
+    with pytest.raises(ValueError, match="beautify.lowpass"):
+        B.BeautifyParams(radius_px=10.0, lowpass="sharp").validate(64)
