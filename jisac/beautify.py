@@ -32,9 +32,9 @@ phase-flipped only, low-passed). This module recomputes every accepted class at 
    shells) improves. SPHIRE's stochastic hill climbing (``refinement_2d_local``) is not reproduced.
 6. Sharpening (``sharpen``): ``"none"``, ``"guinier"`` (B from a line fit of ln(rotational amplitude) against k^2
    between ``guinier_start_angst`` and the class resolution, ``B = -4 slope``; amplitudes multiplied by
-   ``exp(B k^2 / 4)``) or ``"bfactor"`` (a given B). Then an optional tanh low-pass at the class resolution or a
-   given frequency (cycles/px, SPHIRE's ``--fl``), fall-off 0.02 (SPHIRE's). SPHIRE's analytical power-spectrum
-   model and spectrum-from-file are not implemented.
+   ``exp(B k^2 / 4)``) or ``"bfactor"`` (a given B) or ``"model"`` (each shell scaled to SPHIRE's analytic power
+   spectrum, ``penczek_model_power``). Then an optional tanh low-pass at the class resolution or a given frequency
+   (cycles/px, SPHIRE's ``--fl``), fall-off 0.02 (SPHIRE's). A 1D spectrum from a file is not implemented.
 
 Outputs (``<run>/beautify/`` by default, every file atomic): ``class_averages.mrcs`` (class k at index k-1, pixel
 size in the header), ``class_averages.hdf`` (``members``, ``n_objects``, ``resolution_angst``), ``particles.star``
@@ -68,7 +68,7 @@ from jisac.transforms import Transform2D
 Array = jax.Array
 
 _CTF_MODES = ("wiener", "flip", "none")
-_SHARPEN_MODES = ("none", "guinier", "bfactor")
+_SHARPEN_MODES = ("none", "guinier", "bfactor", "model")
 _TANH_FALLOFF = 0.02  # SPHIRE's low-pass fall-off in the beautifier (field_formats.md §2a step 4)
 
 
@@ -82,7 +82,7 @@ class BeautifyParams(NamedTuple):
         refine_angle_range_deg, refine_angle_step_deg: angles tried are ``-range..+range`` in ``step``, degrees.
         refine_shift_range_px: integer shift window ``-r..r`` input px (plus a parabolic sub-pixel peak).
         refine_iterations: at most this many refinement passes per class batch.
-        sharpen: ``"none"``, ``"guinier"`` or ``"bfactor"``.
+        sharpen: ``"none"``, ``"guinier"``, ``"bfactor"`` or ``"model"`` (SPHIRE's analytic power spectrum).
         b_factor: B in A^2 for ``"bfactor"`` (positive sharpens).
         guinier_start_angst: low-resolution end of the Guinier fit, A (SPHIRE's ``--B_start``, 45 A).
         lowpass: ``"none"``, ``"resolution"`` (tanh at each class's FRC resolution) or a float in cycles/px.
@@ -452,13 +452,35 @@ def guinier_bfactor(image, pixel_size_angst: float, start_angst: float, end_freq
     return float(-4.0 * slope)
 
 
+def penczek_model_power(k_inv_angst) -> np.ndarray:
+    """SPHIRE's analytic rotational power spectrum of a protein (``adjust_pw_to_model``, "fitted to Yifan channel,
+    Penczek 2010"; field_formats.md §2a step 3): ``exp(-4.5 + 15 / (k / 0.2 + 1)^2) + exp(-1 - ((k - 0.2) /
+    0.0625)^2 / 2)`` with ``k`` taken here as the physical frequency in 1/A (SPHIRE's own scaling of ``k`` is
+    unverified): a steep fall from low frequencies and the secondary-structure hump at 5 A."""
+    k = np.asarray(k_inv_angst, np.float64)
+    return np.exp(-4.5 + 15.0 / (k / 0.2 + 1.0) ** 2) + np.exp(-1.0 - 0.5 * ((k - 0.2) / 0.0625) ** 2)
+
+
+def _model_gain(image, pixel_size_angst: float) -> np.ndarray:
+    """Per-shell gain (rfft2 grid) that gives ``image`` the model's rotational power spectrum, total power kept."""
+    n = image.shape[-1]
+    power = shell_mean(np.abs(np.fft.rfft2(np.asarray(image, np.float64))) ** 2)
+    model = penczek_model_power(np.arange(n // 2 + 1) / (n * pixel_size_angst))
+    ratio = np.where(power > 0, model / np.where(power > 0, power, 1.0), 0.0)
+    # the sum over shells >= 1 of the shell-mean power is kept; the mean (shell 0) stays as it is
+    gain = np.sqrt(ratio * power[1:].sum() / model[1:].sum())
+    gain[0] = 1.0
+    return gain[_shell_index(n)]
+
+
 def sharpen(image, pixel_size_angst: float, mode: str = "none", b_factor: float = 0.0,
             start_angst: float = 45.0, fit_end_freq: float = 0.5, lowpass_freq: float | None = None,
             falloff: float = _TANH_FALLOFF) -> tuple[np.ndarray, float]:
     """Sharpens and low-passes an ``(n, n)`` average: ``(image, B applied)``.
 
-    mode: ``"none"``, ``"guinier"`` (B fitted between ``start_angst`` and ``fit_end_freq`` cycles/px) or
-    ``"bfactor"`` (``b_factor``). The amplitudes are multiplied by ``exp(B k^2 / 4)``; then, when
+    mode: ``"none"``, ``"guinier"`` (B fitted between ``start_angst`` and ``fit_end_freq`` cycles/px),
+    ``"bfactor"`` (``b_factor``): the amplitudes are multiplied by ``exp(B k^2 / 4)``; or ``"model"``: each shell
+    is scaled so the rotational power spectrum follows ``penczek_model_power`` (total power kept). Then, when
     ``lowpass_freq`` (cycles/px) is given, by SPHIRE's tanh low-pass with ``falloff``."""
     if mode not in _SHARPEN_MODES:
         raise ValueError(f"beautify.sharpen '{mode}' must be one of {', '.join(_SHARPEN_MODES)}")
@@ -471,6 +493,8 @@ def sharpen(image, pixel_size_angst: float, mode: str = "none", b_factor: float 
         b = float(b_factor)
     freq = filters.radial_frequency(n, n)
     gain = np.exp(b * (freq / pixel_size_angst) ** 2 / 4.0)
+    if mode == "model":
+        gain = _model_gain(image, pixel_size_angst)
     if lowpass_freq is not None:
         gain = gain * np.asarray(filters.tanh_lowpass_response(freq, float(lowpass_freq), falloff))
     out = np.fft.irfft2(np.fft.rfft2(image) * gain, s=image.shape)

@@ -276,3 +276,18 @@ def test_lowpass_option_accepts_a_numeric_string_from_the_command_line():
         B.BeautifyParams(radius_px=10.0, lowpass="0.7").validate(64)
     with pytest.raises(ValueError, match="beautify.lowpass"):
         B.BeautifyParams(radius_px=10.0, lowpass="sharp").validate(64)
+
+
+def test_model_sharpening_gives_the_analytic_power_spectrum():
+    rng = np.random.default_rng(4)
+    n, apix = 96, 1.5
+    image = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((n, n))) * np.exp(-filters.radial_frequency(n, n) * 8),
+                          s=(n, n))
+    out, _ = B.sharpen(image, apix, "model")
+    power = B.shell_mean(np.abs(np.fft.rfft2(out.astype(np.float64))) ** 2)
+    model = B.penczek_model_power(np.arange(n // 2 + 1) / (n * apix))
+    ratio = power[1:] / model[1:]
+    # one gain per shell: the output's shell power is the model's times one constant (float32 image: 1e-4)
+    np.testing.assert_allclose(ratio, ratio.mean(), rtol=1e-4)
+    total_in = B.shell_mean(np.abs(np.fft.rfft2(image)) ** 2)[1:].sum()
+    assert power[1:].sum() == pytest.approx(total_in, rel=1e-3)
