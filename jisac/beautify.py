@@ -1,4 +1,4 @@
-"""Post-processing layer: full-size, CTF-corrected class averages of a finished run (SPHIRE's "beautifier").
+"""Workflow layer: full-size, CTF-corrected class averages of a finished run (SPHIRE's "beautifier").
 
 SPHIRE users run ``sp_compute_isac_avg.py`` after every ISAC2 run (``shared/field_formats.md`` §2a,
 ``shared/isac_algorithm.md`` §12.2): ISAC's own averages are working-frame thumbnails (shrunk to a 29 px radius,

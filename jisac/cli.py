@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from jisac import checkpoint, config, devices
 from jisac.demo import run_alignment_demo
 from jisac.errors import ConfigError, InputError
-from jisac.run import run
+from jisac.run import beautify_existing, run
 from jisac.sweep import SweepJob
 
 config.register()
@@ -124,6 +124,9 @@ def _hydra_main(cfg) -> float:
             raise ConfigError(str(err)) from None
         if typed.demo.kind not in ("isac", "alignment"):
             raise ConfigError(f"demo.kind must be 'isac' or 'alignment' (got {typed.demo.kind!r})")
+        if typed.beautify.run_dir is not None:  # the beautifier alone, on a finished run
+            beautify_existing(typed)
+            return 0.0
         if typed.data.stack is None and typed.demo.kind == "alignment":
             return run_alignment_demo(typed)["view_accuracy"]
         if typed.data.stack is None:

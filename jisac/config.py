@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from jisac import criteria, isac
+from jisac import beautify, criteria, isac
 from jisac.align import AlignOptions, SearchGrid
 from jisac.budget import Budget, backend_preset
 from jisac.devices import parse_device_ids
@@ -153,6 +153,47 @@ class ResolutionConfig(StabilityConfig):
                     frc_threshold=self.frc_threshold)
 
 
+_BEAUTIFY = beautify.BeautifyParams(radius_px=1.0)
+
+
+@dataclass
+class BeautifyConfig:
+    """The beautifier (``jisac.beautify``): full-size, CTF-corrected class averages and a resolution per class.
+    Runs at the end of every ISAC run when ``enabled``; ``python -m jisac beautify.run_dir=ISAC/run1`` runs it alone
+    on a finished run folder."""
+
+    enabled: bool = True  # at the end of python -m jisac (a few seconds next to the ISAC run)
+    run_dir: Optional[str] = None  # beautify this finished run folder instead of running ISAC
+    stack: Optional[str] = None  # the run's original stack; none: the one its summary.json names
+    out_dir: Optional[str] = None  # none: <run>/beautify
+    radius_px: Optional[float] = None  # particle radius, input px; none: the run's isac.radius
+    # auto: wiener when the run used the CTF (isac.ctf=true), none otherwise | wiener (split-half SSNR Wiener
+    # filter) | flip (phase flip only) | none
+    ctf: str = "auto"
+    local_refinement: bool = _BEAUTIFY.local_refinement  # refine each member's angle and shift at full size
+    refine_angle_range_deg: float = _BEAUTIFY.refine_angle_range_deg
+    refine_angle_step_deg: float = _BEAUTIFY.refine_angle_step_deg
+    refine_shift_range_px: int = _BEAUTIFY.refine_shift_range_px
+    refine_iterations: int = _BEAUTIFY.refine_iterations
+    sharpen: str = _BEAUTIFY.sharpen  # none | guinier | bfactor | model
+    b_factor: float = _BEAUTIFY.b_factor  # A^2, with sharpen=bfactor (positive sharpens)
+    guinier_start_angst: float = _BEAUTIFY.guinier_start_angst
+    lowpass: str = str(_BEAUTIFY.lowpass)  # none | resolution | a frequency in cycles/px
+    chunk: int = _BEAUTIFY.chunk  # members per jitted call
+    frc_threshold: float = _BEAUTIFY.frc_threshold
+
+
+def beautify_params(cfg: "JisacConfig", radius_px: float, run_used_ctf: bool) -> beautify.BeautifyParams:
+    """The beautifier's frozen parameters (``beautify.radius_px`` overrides the run's radius; ``beautify.ctf=auto``
+    follows whether the run used the CTF)."""
+    b = cfg.beautify
+    names = set(beautify.BeautifyParams._fields) & {f for f in BeautifyConfig.__dataclass_fields__}
+    values = {name: getattr(b, name) for name in names if name != "radius_px"}
+    if values["ctf"] == "auto":
+        values["ctf"] = "wiener" if run_used_ctf else "none"
+    return beautify.BeautifyParams(radius_px=float(b.radius_px or radius_px), **values)
+
+
 @dataclass
 class JisacConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"  # results and the run log
@@ -162,6 +203,7 @@ class JisacConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    beautify: BeautifyConfig = field(default_factory=BeautifyConfig)
 
 
 def register() -> None:
@@ -187,6 +229,7 @@ class RunParams(NamedTuple):
         seed: ``isac.rand_seed``.
         restart, skip_prealignment: ``isac.restart``, ``isac.skip_prealignment``.
         drop_unusable, cache, cache_dir: the ``data.*`` keys of the same names.
+        beautify: the beautifier's parameters when ``beautify.enabled`` (and the box is known), else None.
     """
 
     isac: isac.IsacParams
@@ -199,6 +242,7 @@ class RunParams(NamedTuple):
     drop_unusable: bool = False
     cache: bool = True
     cache_dir: Optional[str] = None
+    beautify: Optional[beautify.BeautifyParams] = None
 
 
 def _require_positive(section: str, values: dict) -> None:
@@ -283,8 +327,12 @@ def _run_params(cfg: JisacConfig, n_particles, box_size, platform) -> RunParams:
         prep.validate(box_size)
     s = cfg.stability
     criterion = criteria.make_criterion(s.name, p.thld_err, float(p.target_radius), **s.options(p))
+    polish = None
+    if cfg.beautify.enabled and box_size is not None:
+        polish = beautify_params(cfg, prep.radius, prep.ctf)
+        polish.validate(box_size)
     return RunParams(
         isac=p, preprocess=prep, budget=budget(cfg, platform), criterion=criterion, seed=cfg.isac.rand_seed,
         restart=cfg.isac.restart, skip_prealignment=cfg.isac.skip_prealignment,
-        drop_unusable=cfg.data.drop_unusable, cache=cfg.data.cache, cache_dir=cfg.data.cache_dir,
+        drop_unusable=cfg.data.drop_unusable, cache=cfg.data.cache, cache_dir=cfg.data.cache_dir, beautify=polish,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jisac import cache, checkpoint, config, ctf, devices, filters, io, memory, pipeline, prealign, preprocess, rows
+from jisac import beautify, cache, checkpoint, config, ctf, devices, filters, io, memory, pipeline, prealign, preprocess, rows
 from jisac import sharding
 from jisac import report as html_report
 from jisac.budget import working_stack_on_disk
@@ -153,15 +154,52 @@ def _run(cfg: config.JisacConfig, rp: config.RunParams, stack, path, pixel_size:
     }
     if not sharding.is_main_process():
         return {**outputs.summary_of(result), **extra}
+    extra.update(radius_px=prep.radius, ctf=prep.ctf)  # what the beautifier needs to run on this folder later
     frame = outputs.InputFrame(stack.metadata, pixel_size, box, s, shifts, str(path))
     summary = outputs.write_run(out, result, frame, extra)
     if disk is not None:  # the scratch stacks (read with plain reads: nothing holds them open)
         for scratch in (disk, disk.with_name("prealign_stack.mrcs")):
             scratch.unlink(missing_ok=True)
+    if rp.beautify is not None and len(result.averages):
+        _beautify(out, rp.beautify, path, cfg.beautify.out_dir)
     _refresh_report(out)
     log.info("outputs: %s (class averages), %s (open it in a browser)", out / "class_averages.mrcs",
              out / "report.html")
     return summary
+
+
+def _beautify(run_dir: Path, params, stack_path, out_dir=None) -> dict:
+    """The beautifier on a finished run folder (``jisac.beautify``), with progress per class batch."""
+    t = time.perf_counter()
+    say = lambda done, total: log.info("beautifier: %d/%d classes (%.0f s)", done, total,  # noqa: E731
+                                       time.perf_counter() - t)
+    result = beautify.beautify_run(run_dir, params, stack_path=stack_path, out_dir=out_dir, progress=say)
+    folder = Path(out_dir) if out_dir else run_dir / "beautify"
+    log.info("beautified averages (full size, CTF-corrected, resolution per class): %s (%.1f s)",
+             folder / "class_averages.mrcs", time.perf_counter() - t)
+    return result
+
+
+def beautify_existing(cfg: config.JisacConfig) -> dict:
+    """``python -m jisac beautify.run_dir=RUN``: the beautifier alone on a finished run folder."""
+    run_dir = Path(cfg.beautify.run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise InputError(f"beautify.run_dir={run_dir}: no summary.json there; give the output_dir of a finished "
+                         "jisac run")
+    summary = json.loads(summary_path.read_text())
+    radius = cfg.beautify.radius_px or summary.get("radius_px")
+    if radius is None:
+        raise ConfigError(f"beautify.radius_px is required for {run_dir} (its summary.json does not say the radius)")
+    stack_path = cfg.beautify.stack or summary.get("input")
+    try:
+        params = config.beautify_params(cfg, float(radius), bool(summary.get("ctf", False)))
+        params.validate(io.open_stack(stack_path).box_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    result = _beautify(run_dir, params, stack_path, cfg.beautify.out_dir)
+    _refresh_report(run_dir)
+    return result
 
 
 def _refresh_report(out: Path) -> None:

@@ -33,7 +33,8 @@ def config(stack: Path, out: Path, align=None, **hardware):
     isac = c.IsacConfig(radius=18, img_per_grp=40, minimum_grp_size=20, target_radius=18, target_nx=48, maxit=6,
                         init_iter=1, stab_ali=3, rand_seed=0, main_iter_limit=1, restart=False)
     return c.JisacConfig(output_dir=str(out), data=c.DataConfig(stack=str(stack)), isac=isac,
-                         hardware=c.HardwareConfig(**hardware), align=align or c.AlignConfig())
+                         hardware=c.HardwareConfig(**hardware), align=align or c.AlignConfig(),
+                         beautify=c.BeautifyConfig(enabled=False))
 
 
 def main(mode: str, folder: str, *rest: str) -> None:

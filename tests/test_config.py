@@ -48,11 +48,26 @@ REACHES = {
     "data.cache": (False, lambda r: r.cache),
     "data.cache_dir": ("/tmp/elsewhere", lambda r: r.cache_dir),
     "stability.max_iter": (20, lambda r: r.criterion.score.keywords["max_iter"]),
+    "beautify.enabled": (False, lambda r: r.beautify is None),
+    "beautify.radius_px": (30.0, lambda r: r.beautify.radius_px),
+    "beautify.ctf": ("flip", lambda r: r.beautify.ctf),  # auto: none here (isac.ctf=false)
+    "beautify.local_refinement": (True, lambda r: r.beautify.local_refinement),
+    "beautify.refine_angle_range_deg": (4.0, lambda r: r.beautify.refine_angle_range_deg),
+    "beautify.refine_angle_step_deg": (1.0, lambda r: r.beautify.refine_angle_step_deg),
+    "beautify.refine_shift_range_px": (3, lambda r: r.beautify.refine_shift_range_px),
+    "beautify.refine_iterations": (1, lambda r: r.beautify.refine_iterations),
+    "beautify.sharpen": ("guinier", lambda r: r.beautify.sharpen),
+    "beautify.b_factor": (-50.0, lambda r: r.beautify.b_factor),
+    "beautify.guinier_start_angst": (20.0, lambda r: r.beautify.guinier_start_angst),
+    "beautify.lowpass": ("resolution", lambda r: r.beautify.lowpass),
+    "beautify.chunk": (16, lambda r: r.beautify.chunk),
+    "beautify.frc_threshold": (0.5, lambda r: r.beautify.frc_threshold),
 }
 # Keys read elsewhere, before or beside the conversion (where the run goes, which devices and processes, the demo).
 NOT_RUN_PARAMETERS = {
     "output_dir", "isac.center_method", "data.stack", "data.pixel_size", "data.project_dir", "hardware.devices", "hardware.distributed",
     "hardware.coordinator_address", "hardware.num_processes", "hardware.process_id", "stability.name",
+    "beautify.run_dir", "beautify.stack", "beautify.out_dir",
 } | {f"demo.{f.name}" for f in dataclasses.fields(config.DemoConfig)}
 
 

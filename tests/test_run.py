@@ -1,9 +1,11 @@
 """ISAC from a configuration on a RELION stack: STAR in, RELION/SPHIRE files out; bad input fails fast."""
 
+import dataclasses
 import subprocess
 import sys
 
 import jax
+import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
@@ -62,6 +64,14 @@ def test_star_in_relion_and_sphire_files_out(star_stack, tmp_path):
         assert int(np.atleast_1d(h["n_objects"])[0]) == len(members)
     model = starfile.read(tmp_path / "class_averages.star")
     assert len(model) == summary["classes"]
+    # the beautifier ran at the end (full box and pixel size, a resolution per class), the report was written,
+    # and the beautifier runs alone on the finished folder too (beautify.run_dir)
+    with mrcfile.open(tmp_path / "beautify" / "class_averages.mrcs") as mrc:
+        assert mrc.data.shape == (summary["classes"], BOX, BOX) and mrc.voxel_size.x == pytest.approx(1.5)
+    assert (tmp_path / "report.html").stat().st_size > 0
+    again = run.beautify_existing(dataclasses.replace(small_config(path, tmp_path), beautify=config.BeautifyConfig(
+        run_dir=str(tmp_path), out_dir=str(tmp_path / "again"))))
+    assert (tmp_path / "again" / "class_averages.mrcs").exists() and again
     # psi and origins against the truth: a particle is its view moved by ``moves``, so the alignment that the STAR
     # file describes (input pixels) composed after ``moves`` is the same rigid transform for every member of a
     # class (the class average's own frame is arbitrary): its angle, shift and mirror flag must agree
