@@ -124,6 +124,13 @@ class Task:
         left = f", {format_seconds(self.remaining)} left" if math.isfinite(self.remaining) else ""
         return f"{self.description}: {count} {self.unit}{share}{rate}{left}"
 
+    def set_total(self, total: int) -> None:
+        """The number of units, once it is known (a task started with ``total=None``)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def advance(self, steps: int = 1) -> None:
         """Counts ``steps`` more units done."""
         self.n += steps

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jisac import beautify, cache, checkpoint, config, ctf, devices, filters, io, memory, pipeline, prealign, preprocess, rows
-from jisac import sharding
+from jisac import progress, sharding
 from jisac import report as html_report
 from jisac.budget import working_stack_on_disk
 from jisac.demo import demo_stack
@@ -171,9 +171,12 @@ def _run(cfg: config.JisacConfig, rp: config.RunParams, stack, path, pixel_size:
 def _beautify(run_dir: Path, params, stack_path, out_dir=None) -> dict:
     """The beautifier on a finished run folder (``jisac.beautify``), with progress per class batch."""
     t = time.perf_counter()
-    say = lambda done, total: log.info("beautifier: %d/%d classes (%.0f s)", done, total,  # noqa: E731
-                                       time.perf_counter() - t)
-    result = beautify.beautify_run(run_dir, params, stack_path=stack_path, out_dir=out_dir, progress=say)
+    with progress.task("beautifier", total=None, unit="class") as bar:
+        def advance(done, total):
+            bar.set_total(total)
+            bar.advance(done - bar.n)
+
+        result = beautify.beautify_run(run_dir, params, stack_path=stack_path, out_dir=out_dir, progress=advance)
     folder = Path(out_dir) if out_dir else run_dir / "beautify"
     log.info("beautified averages (full size, CTF-corrected, resolution per class): %s (%.1f s)",
              folder / "class_averages.mrcs", time.perf_counter() - t)

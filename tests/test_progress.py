@@ -120,3 +120,25 @@ def test_format_seconds():
     assert progress.format_seconds(75.2) == "1:15"
     assert progress.format_seconds(3725) == "1:02:05"
     assert progress.format_seconds(float("nan")) == "?"
+
+
+def test_the_generation_loop_shows_one_bar_per_generation(caplog):
+    """pipeline.GenerationProgress: one task per generation whose units are the SAC steps; it ends with the
+    generation (also when the generation converges early), and every loop line is still logged."""
+    from jisac import isac, pipeline
+
+    progress.set_mode("log")
+    try:
+        bars = pipeline.GenerationProgress(isac.make_params(init_iter=2))  # 2 rounds x (5 MRA steps + 1)
+        with caplog.at_level("INFO", logger="jisac"):
+            for g in (1, 2):
+                bars(f"generation {g}: 400 particles in 2 classes")
+                for step in range(1, 6):
+                    bars(f"SAC round 1, MRA {step}/5 (cutoff 0.20): 400 particles in 2 classes")
+                bars("SAC round 1: 390/400 particles stable in 2 classes")
+                bars(f"generation {g}: accepted 2/2 classes, 390 particles; accounted so far 390/400 (1 s)")
+        done = [r.getMessage() for r in caplog.records if ": done," in r.getMessage()]
+        assert done[0].startswith("generation 1 (SAC steps): done, 6/12 step") and len(done) == 2
+        assert sum("MRA 3/5" in r.getMessage() for r in caplog.records) == 2  # the loop's own lines are kept
+    finally:
+        progress.set_mode(None)
