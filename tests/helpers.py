@@ -52,3 +52,18 @@ def same_outputs(a: Path, b: Path, names=("particle_classes.txt", "all_parameter
                 assert np.array_equal(ma.data, mb.data) and ma.voxel_size == mb.voxel_size, f"{a} / {b}: {name}"
         else:
             assert (a / name).read_bytes() == (b / name).read_bytes(), f"{a} and {b} differ in {name}"
+
+
+def raises_one_line(kind, call, *needles) -> str:
+    """Calls ``call()``, which must raise exactly ``kind`` with a one-line message holding every ``needle``;
+    returns the message."""
+    import pytest
+
+    with pytest.raises(kind) as e:
+        call()
+    assert e.type is kind, f"expected exactly {kind.__name__}, got {e.type.__name__}: {e.value}"
+    message = str(e.value)
+    assert "\n" not in message, "the message must be one line"
+    for needle in needles:
+        assert str(needle) in message, f"{needle!r} not in {message!r}"
+    return message

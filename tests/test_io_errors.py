@@ -7,21 +7,14 @@ import starfile
 
 from jisac.io import (StackError, StackFileNotFoundError, check_finite, mrc, open_stack, require_ctf_columns,
                       require_pixel_size)
+from tests.helpers import raises_one_line
 
 
 def _images(n, box=16, ny=None, seed=0):
     return np.random.default_rng(seed).normal(size=(n, ny or box, box)).astype(np.float32)
 
 
-def _raises(kind, call, *needles):
-    with pytest.raises(kind) as e:
-        call()
-    assert e.type is kind, f"expected exactly {kind.__name__}, got {e.type.__name__}"
-    message = str(e.value)
-    assert "\n" not in message, "the message must be one line"
-    for needle in needles:
-        assert str(needle) in message, f"{needle!r} not in {message!r}"
-    return message
+_raises = raises_one_line
 
 
 def _star(path, names, **columns):

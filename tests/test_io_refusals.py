@@ -13,21 +13,14 @@ import pytest
 
 from jisac.io import StackError, StackFileNotFoundError, mrc, open_stack, require_ctf_columns, require_pixel_size
 from jisac.io.cryosparc import read_cs_table
+from tests.helpers import raises_one_line
 
 
 def _images(n, box=16, seed=0):
     return np.random.default_rng(seed).normal(size=(n, box, box)).astype(np.float32)
 
 
-def _raises(kind, call, *needles):
-    with pytest.raises(kind) as e:
-        call()
-    assert e.type is kind, f"expected exactly {kind.__name__}, got {e.type.__name__}: {e.value}"
-    message = str(e.value)
-    assert "\n" not in message, "the message must be one line"
-    for needle in needles:
-        assert str(needle) in message, f"{needle!r} not in {message!r}"
-    return message
+_raises = raises_one_line
 
 
 # --------------------------------------------------------------------------------------------------- MRC

@@ -6,18 +6,18 @@ Usage: python experiments/beautify/split_check.py <folder kept by run.py --keep>
 
 import sys
 from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from jisac import beautify as B  # noqa: E402
-from jisac import ctf, filters  # noqa: E402
-from jisac.io import open_stack  # noqa: E402
 
-APIX, BOX, R = 2.25, 160, 60
-tmp = Path(sys.argv[1]); t = np.load(tmp / 'truth.npz')
-stack = open_stack(tmp / 'input.star'); table = B.read_run_particles(tmp / 'run')
-p = B.parameters_from_table(table, APIX)
-cp = ctf.CTFParams(*(np.asarray(f) for f in ctf.CTFParams.from_relion_table(table, APIX)))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jisac import beautify as B  # noqa: E402
+from jisac import filters  # noqa: E402
+from kept import BOX, R, load  # noqa: E402
+
+kept = load(sys.argv[1])
+t, stack, p, cp = kept.truth, kept.stack, kept.params, kept.ctf
 labels = t['labels']
 mask = filters.soft_circular_mask(BOX, BOX, R, 5.0)
 bp = B.BeautifyParams(radius_px=R, chunk=50, class_batch=8)
