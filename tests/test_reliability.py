@@ -206,7 +206,7 @@ def test_a_second_run_on_the_same_folder_refuses_at_once(tmp_path, no_prealignme
 
 
 @pytest.mark.slow
-def test_sigterm_stops_cleanly_and_the_same_command_continues(tmp_path):
+def test_sigterm_stops_cleanly_saying_how_to_continue(tmp_path):
     images = np.asarray(_particles(240, seed=3))
     stack = _stack(tmp_path, images)
     out = tmp_path / "out"
@@ -223,6 +223,6 @@ def test_sigterm_stops_cleanly_and_the_same_command_continues(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err and "run the same command again" in err and "Traceback" not in err
-    assert checkpoint.last_generation(out) >= 1
-    assert subprocess.run(command, capture_output=True, timeout=600).returncode == 0
-    assert (out / "summary.json").exists()
+    assert checkpoint.last_generation(out) >= 1  # intact and loadable; that the same command then ends as an
+    # uninterrupted run is tests/test_run.py::test_killed_process_restarts_to_the_same_result (SIGKILL)
+    assert not (out / "summary.json").exists()  # a stopped run does not look finished
