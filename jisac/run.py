@@ -19,12 +19,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jisac import cache, config, ctf, devices, io, memory, pipeline, prealign, preprocess, rows, sharding
+from jisac import cache, config, ctf, devices, filters, io, memory, pipeline, prealign, preprocess, rows, sharding
 from jisac import report as html_report
 from jisac.budget import working_stack_on_disk
 from jisac.demo import demo_stack
 from jisac.diskarray import DiskArray
-from jisac.io import outputs
+from jisac.io import outputs, relion
 
 log = logging.getLogger("jisac")
 
@@ -121,7 +121,9 @@ def run(cfg: config.JisacConfig) -> dict:
     }
     if not sharding.is_main_process():
         return {**outputs.summary_of(result), **extra}
-    frame = outputs.InputFrame(stack.metadata, pixel_size, box, s, shifts, str(path))
+    halves = relion.split_half_averages(result.class_number, result.params, images, keep)  # class resolutions
+    frc = np.asarray(filters.fourier_ring_correlation(halves[:, 0], halves[:, 1]))
+    frame = outputs.InputFrame(stack.metadata, pixel_size, box, s, shifts, str(path), stack=stack, class_frc=frc)
     summary = outputs.write_run(out, result, frame, extra)
     if disk is not None:  # the scratch stacks (read with plain reads: nothing holds them open)
         for scratch in (disk, disk.with_name("prealign_stack.mrcs")):
