@@ -238,9 +238,6 @@ def write_class2d(folder: Path, averages: np.ndarray, particles: pd.DataFrame, *
                              rlnLogLikeliContribution=0.0, rlnMaxValueProbDistribution=1.0,
                              rlnNrOfSignificantSamples=1)
     optics, rows = split_optics(table, pixel_size=pixel_size, box_size=box)
-    for column, value in (("rlnVoltage", 300.0), ("rlnSphericalAberration", 2.7), ("rlnAmplitudeContrast", 0.1)):
-        if column not in optics.columns:  # ObservationModel needs them even when the data has no CTF
-            optics[column] = value
     data = stem.with_name(root + "_data.star")
     _write_star(data, {"optics": optics, "particles": rows})
 

@@ -163,12 +163,20 @@ def _is_scalar_column(values: pd.Series) -> bool:
     return not any(isinstance(v, (list, tuple, np.ndarray, np.void, dict)) for v in values)
 
 
+# Optics values RELION requires in every optics group; used only when the input has none (no defocus either).
+_OPTICS_PLACEHOLDERS = {"rlnVoltage": 300.0, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
+
+
 def split_optics(metadata: pd.DataFrame, *, pixel_size: float | None = None, box_size: int | None = None):
     """Splits a per-particle table into RELION 3.1's ``(optics, particles)`` tables.
 
     Adds what RELION 3.1 requires when missing: ``rlnOpticsGroup`` (1), ``rlnOpticsGroupName``
     (``opticsGroup<k>``), ``rlnImagePixelSize`` (``pixel_size``, Å), ``rlnImageSize`` (``box_size``, px) and
-    ``rlnImageDimensionality`` (2). Columns whose cells are arrays are dropped (STAR holds scalars)."""
+    ``rlnImageDimensionality`` (2), and ``rlnVoltage`` (300 kV), ``rlnSphericalAberration`` (2.7 mm) and
+    ``rlnAmplitudeContrast`` (0.1) when the table has none: RELION 3.1's ObservationModel refuses an optics group
+    without them (``relion_image_handler`` then fails with "trying to read image with empty file name"), even
+    for particles that carry no defocus, whose CTF nothing computes. Columns whose cells are arrays are dropped
+    (STAR holds scalars)."""
     table = metadata[[c for c in metadata.columns if _is_scalar_column(metadata[c])]].copy()
     if "rlnOpticsGroup" not in table.columns:
         table["rlnOpticsGroup"] = 1
@@ -181,6 +189,9 @@ def split_optics(metadata: pd.DataFrame, *, pixel_size: float | None = None, box
         table["rlnImageSize"] = int(box_size)
     if "rlnImageDimensionality" not in table.columns:
         table["rlnImageDimensionality"] = 2
+    for column, value in _OPTICS_PLACEHOLDERS.items():
+        if column not in table.columns:
+            table[column] = value
     grouped = table.groupby("rlnOpticsGroup", sort=True)
     optics_columns = [c for c in OPTICS_COLUMNS if c in table.columns
                       and bool((grouped[c].nunique(dropna=False) <= 1).all())]
