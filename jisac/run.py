@@ -122,7 +122,7 @@ def run(cfg: config.JisacConfig) -> dict:
     if not sharding.is_main_process():
         return {**outputs.summary_of(result), **extra}
     halves = relion.split_half_averages(result.class_number, result.params, images, keep)  # class resolutions
-    frc = np.asarray(filters.fourier_ring_correlation(halves[:, 0], halves[:, 1]))
+    frc = np.asarray(filters.fourier_ring_correlation(halves[:, 0], halves[:, 1])) if len(halves) else None
     frame = outputs.InputFrame(stack.metadata, pixel_size, box, s, shifts, str(path), stack=stack, class_frc=frc)
     summary = outputs.write_run(out, result, frame, extra)
     if disk is not None:  # the scratch stacks (read with plain reads: nothing holds them open)

@@ -209,3 +209,18 @@ def test_relion_refine_reads_and_rewrites_the_bundle(project):
     data = starfile.read(root / "Cont" / "run_it001_data.star")["particles"]
     assert len(data) == 45 and os.path.basename(data["rlnImageName"].iloc[0].partition("@")[2]) == \
         "accounted_particles.mrcs"
+
+
+def test_relion_external_job_arguments_become_jisac_overrides(tmp_path):
+    from jisac import relion_external
+
+    job = tmp_path / "External" / "job012"
+    calls = []
+    argv = ["--o", str(job), "--in_parts", "Extract/job007/particles.star", "--j", "4", "--isac.radius", "40"]
+    assert relion_external.main(argv, run=lambda cmd: calls.append(cmd) or 0) == 0
+    assert calls[0][1:] == ["-m", "jisac", "data.stack=Extract/job007/particles.star", f"output_dir={job}",
+                            "isac.radius=40"]
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert relion_external.main(argv, run=lambda cmd: 2) == 2
+    assert (job / "RELION_JOB_EXIT_FAILURE").exists() and not (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert relion_external.main(["--o", str(job)], run=lambda cmd: 0) == 2  # no --in_parts
