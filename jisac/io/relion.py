@@ -191,7 +191,8 @@ def write_class2d(folder: Path, averages: np.ndarray, particles: pd.DataFrame, *
     else:
         frc = np.zeros((k, len(shells)))
         resolution = np.full(k, 2.0 * frc_pixel_size)
-    full = np.clip(2 * frc / (1 + frc), 0.0, 0.999)  # full-set correlation from half sets (Rosenthal-Henderson)
+    half_set = np.clip(frc, 0.0, 1.0)  # a negative correlation is no signal
+    full = np.clip(2 * half_set / (1 + half_set), 0.0, 0.999)  # full-set correlation from half sets
     ssnr = full / (1 - full)
     model_general = {
         "rlnReferenceDimensionality": 2, "rlnDataDimensionality": 2, "rlnOriginalImageSize": box,
