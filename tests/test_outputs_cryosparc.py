@@ -59,6 +59,7 @@ def _one_class_result(n: int, box: int) -> outputs.ClassificationResult:
         parameters={"target_radius": box // 4, "img_per_grp": n}, seconds={})
 
 
+@pytest.mark.slow
 @needs_relion
 @pytest.mark.parametrize("kind", ["cs", "hdf"])
 def test_relion_reads_the_substack_whatever_the_input(kind, tmp_path, monkeypatch):

@@ -106,6 +106,7 @@ def test_substack_is_the_accounted_particles_with_mirrored_ones_flipped(project)
     np.testing.assert_allclose(table["rlnDefocusAngle"], np.where(mirrored, -1, 1) * meta["rlnDefocusAngle"], atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_relion
 def test_relion_resamples_every_member_onto_its_class_average(project):
     """relion_stack_create --apply_transformation (RELION's own psi/origin resampling): every member of the
@@ -128,6 +129,7 @@ def test_relion_resamples_every_member_onto_its_class_average(project):
     assert scores["accounted"][mirrored].max() < 0.95  # an unrepresented mirror really is wrong
 
 
+@pytest.mark.slow
 @needs_relion
 def test_relion_reads_the_particle_files(project):
     root, out, *_ = project
@@ -184,6 +186,7 @@ def test_averages_resampled_to_the_input_frame():
     assert np.abs(got - expected).max() < 2 * 0.0139 + 1e-3
 
 
+@pytest.mark.slow
 @needs_relion
 def test_relion_refine_reads_and_rewrites_the_bundle(project):
     """relion_refine --continue runs MlOptimiser::read (optimiser, model via MlModel::read, data, sampling) and,
