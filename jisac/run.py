@@ -28,7 +28,7 @@ from jisac.budget import working_stack_on_disk
 from jisac.demo import demo_stack
 from jisac.diskarray import DiskArray
 from jisac.errors import ConfigError, InputError
-from jisac.io import outputs
+from jisac.io import outputs, relion
 
 log = logging.getLogger("jisac")
 
@@ -155,7 +155,9 @@ def _run(cfg: config.JisacConfig, rp: config.RunParams, stack, path, pixel_size:
     if not sharding.is_main_process():
         return {**outputs.summary_of(result), **extra}
     extra.update(radius_px=prep.radius, ctf=prep.ctf)  # what the beautifier needs to run on this folder later
-    frame = outputs.InputFrame(stack.metadata, pixel_size, box, s, shifts, str(path))
+    halves = relion.split_half_averages(result.class_number, result.params, images, keep)  # class resolutions
+    frc = np.asarray(filters.fourier_ring_correlation(halves[:, 0], halves[:, 1])) if len(halves) else None
+    frame = outputs.InputFrame(stack.metadata, pixel_size, box, s, shifts, str(path), stack=stack, class_frc=frc)
     summary = outputs.write_run(out, result, frame, extra)
     if disk is not None:  # the scratch stacks (read with plain reads: nothing holds them open)
         for scratch in (disk, disk.with_name("prealign_stack.mrcs")):

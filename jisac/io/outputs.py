@@ -11,13 +11,24 @@ Output folder (SPHIRE's bookkeeping kept for familiarity, ``isac_algorithm.md`` 
     class_averages.mrcs          accepted averages, ordered so similar views sit together (class k at index k-1),
                                  the working pixel size in the header
     class_averages.png           labelled montage
-    class_averages.star          RELION model table: rlnReferenceImage, rlnClassNumber, rlnClassDistribution,
-                                 jisacMembers, jisacStableFraction, jisacMeanPixelError, jisacScore
+    class_averages.star          RELION model table: rlnReferenceImage, rlnClassNumber, rlnClassDistribution
+                                 (over the accounted particles), jisacMembers, jisacStableFraction,
+                                 jisacMeanPixelError, jisacScore
     ordered_class_averages.hdf   EMAN2/SPHIRE HDF: EMAN.members (0-based input indices), EMAN.n_objects
     particles.star               every input particle: the input's columns, rlnClassNumber (0 = unaccounted),
                                  rlnAnglePsi, rlnOriginXAngst/YAngst (input pixels, RELION's convention),
                                  jisacMirror, jisacPixelError
     accounted.star               the accounted particles only
+    accounted_particles.mrcs     (with the input stack) the accounted particles at the input pixel size, mirrored
+                                 members x-flipped (io.relion): RELION reads it whatever the input format
+    accounted_relion.star        that substack with psi/origins that hold for EVERY member (no mirror left),
+                                 rlnDefocusAngle negated for flipped members, jisacFlipped, jisacInputIndex
+    relion/                      a RELION Class2D result: run_it000_{optimiser,model,data,sampling}.star and
+                                 run_it000_classes.mrcs (averages resampled to the input pixel size and box)
+    RELION_OUTPUT_NODES.star     the nodes a RELION 4/5 External job adds (optimiser, data, class averages)
+    cryosparc/                   particles.cs (uids passed through, alignments2D/*), templates.cs + templates.mrc
+    README_shrink_ratio.txt, 2dalignment/initial2Dparams.txt, class_averages.hdf
+                                 what SPHIRE's beautifier and isac_substack read besides all_parameters.txt
     processed_images.txt         accounted particles (0-based indices into the input stack)
     not_processed_images.txt     the others
     all_parameters.txt           one row per particle: angle, shift x, shift y, mirror (-1: unaccounted), in the
@@ -25,6 +36,10 @@ Output folder (SPHIRE's bookkeeping kept for familiarity, ``isac_algorithm.md`` 
     particle_classes.txt         one row per particle: class number (0 unaccounted) and pixel error
     summary.json                 counts per generation, accounted fraction, classes, times, memory
     main001/generationGGG/       each generation's averages (all and accepted) as soon as it ends
+
+Every image path in a written STAR file is relative to the working directory at write time (RELION resolves paths
+against the folder it runs in, the project folder), or absolute when the file lies outside it; every MRC file
+carries its pixel size (working pixel size for working-frame averages, input pixel size otherwise).
 """
 
 from __future__ import annotations
@@ -39,7 +54,7 @@ import starfile
 from matplotlib.figure import Figure
 
 from jisac import ranking
-from jisac.io import hdf, star
+from jisac.io import cryosparc_out, hdf, relion, sphire, star
 from jisac.io.atomic import atomic_path, write_json
 from jisac.io.mrc import write_stack
 from jisac.transforms import Transform2D, to_input_frame, to_relion
@@ -99,6 +114,11 @@ class InputFrame(NamedTuple):
         shrink_ratio: working px per input px (``target_radius / radius``).
         prealign_shifts: ``(n, 2)`` pre-alignment shifts, input px.
         source: the input stack's path (for summary.json).
+        stack: the open input ``ParticleStack`` (its ``table`` says which file each image was resolved to, its
+            ``read`` gives the images for the RELION-ready substack), or None (then image names are rewritten
+            from ``metadata`` and ``source`` alone and no substack, RELION bundle or cryoSPARC files are written).
+        class_frc: ``(k, target_nx // 2 + 1)`` split-half FRC of each class in the working frame (final class
+            order; ``io.relion.split_half_averages`` + ``filters.fourier_ring_correlation``), or None.
     """
 
     metadata: pd.DataFrame
@@ -107,6 +127,8 @@ class InputFrame(NamedTuple):
     shrink_ratio: float
     prealign_shifts: np.ndarray
     source: str
+    stack: object = None
+    class_frc: np.ndarray | None = None
 
     @property
     def working_pixel_size(self) -> float:
@@ -219,12 +241,34 @@ def input_frame_params(result: ClassificationResult, frame: InputFrame) -> Trans
     return Transform2D(*(np.where(accounted, np.asarray(f), np.zeros_like(np.asarray(f))) for f in full))
 
 
+def image_names(frame: InputFrame) -> list[str]:
+    """Every particle's ``rlnImageName`` with its stack path relative to the working directory (absolute outside
+    it): from the file the reader resolved (``frame.stack.table``), else by the STAR reader's rule (beside the
+    input file, then the working directory) from ``frame.metadata``."""
+    table = getattr(frame.stack, "table", None)
+    if table is not None:
+        return star.portable_image_names(table.files, table.file_of, table.index_in_file)
+    names = frame.metadata["rlnImageName"].astype(str).tolist()
+    folder = Path(frame.source).parent
+    out = []
+    for name in names:
+        number, at, path = name.partition("@")
+        if not at:
+            number, path = "1", number
+        candidates = [Path(path)] if Path(path).is_absolute() else [folder / path, Path(path)]
+        found = next((c for c in candidates if c.exists()), None)
+        out.append(f"{number}@{star.portable_path(found)}" if found is not None else name)
+    return out
+
+
 def _write_relion_and_sphire(out: Path, result: ClassificationResult, frame: InputFrame, img_per_grp: int) -> None:
-    """particles.star, accounted.star, class_averages.star and ordered_class_averages.hdf."""
-    n = len(result.class_number)
+    """particles.star, accounted.star, class_averages.star, ordered_class_averages.hdf, the SPHIRE run files and,
+    with the input stack, the RELION-ready substack, the RELION Class2D bundle and the cryoSPARC files."""
     accounted = result.accounted
-    psi, ox, oy, mirror = (np.asarray(v) for v in to_relion(input_frame_params(result, frame), frame.pixel_size))
+    full = input_frame_params(result, frame)
+    psi, ox, oy, mirror = (np.asarray(v) for v in to_relion(full, frame.pixel_size))
     new = pd.DataFrame({
+        "rlnImageName": image_names(frame),
         "rlnClassNumber": result.class_number,
         "rlnAnglePsi": psi,
         "rlnOriginXAngst": ox,
@@ -239,15 +283,80 @@ def _write_relion_and_sphire(out: Path, result: ClassificationResult, frame: Inp
             out / "accounted.star", frame.metadata[accounted].reset_index(drop=True),
             new[accounted].reset_index(drop=True), pixel_size=frame.pixel_size, box_size=frame.box_size,
         )
+    target_radius = float(result.parameters.get("target_radius", frame.shrink_ratio * frame.box_size / 2))
+    sphire.write_run_files(out, result.averages, result.members(), shrink_ratio=frame.shrink_ratio,
+                           radius=target_radius / frame.shrink_ratio, prealign_shifts=frame.prealign_shifts,
+                           working_pixel_size=frame.working_pixel_size)
     k = len(result.averages)
     if not k:
         return
     members = result.members()
+    n_accounted = max(int(accounted.sum()), 1)
     hdf.write_class_averages(out / "ordered_class_averages.hdf", result.averages, members, frame.working_pixel_size)
     table = pd.concat([pd.DataFrame({
-        "rlnReferenceImage": [f"{j + 1}@class_averages.mrcs" for j in range(k)],
+        "rlnReferenceImage": [f"{j + 1:06d}@{star.portable_path(out / 'class_averages.mrcs')}" for j in range(k)],
         "rlnClassNumber": np.arange(1, k + 1),
-        "rlnClassDistribution": [len(m) / n for m in members],
+        "rlnClassDistribution": [len(m) / n_accounted for m in members],
     }), class_statistics(result, img_per_grp)], axis=1)
     with atomic_path(out / "class_averages.star") as tmp:
         starfile.write({"model_classes": table}, tmp)
+    if frame.stack is not None:
+        _write_relion_ready(out, result, frame, full, target_radius)
+
+
+def _write_relion_ready(out: Path, result: ClassificationResult, frame: InputFrame, full: Transform2D,
+                        target_radius: float) -> None:
+    """accounted_particles.mrcs + accounted_relion.star (mirror-free), relion/ (Class2D bundle),
+    RELION_OUTPUT_NODES.star and cryosparc/ (module docstring)."""
+    index = np.flatnonzero(result.accounted)
+    flipped = np.asarray(full.mirror, bool)[index]
+    substack = out / "accounted_particles.mrcs"
+    relion.write_substack(substack, frame.stack.read, index, flipped, frame.pixel_size)
+    free = relion.mirror_free(Transform2D(*(np.asarray(f)[index] for f in full)))
+    psi, ox, oy, _ = (np.asarray(v) for v in to_relion(free, frame.pixel_size))
+    metadata = frame.metadata.iloc[index].reset_index(drop=True)
+    classes = result.class_number[index]
+    members = result.members()
+    half = np.zeros(len(result.class_number), np.int64)
+    for m in members:
+        half[m] = np.arange(len(m)) % 2
+    new = {
+        "rlnImageName": [f"{i + 1:06d}@{star.portable_path(substack)}" for i in range(len(index))],
+        "rlnClassNumber": classes,
+        "rlnAnglePsi": psi,
+        "rlnOriginXAngst": ox,
+        "rlnOriginYAngst": oy,
+        "jisacFlipped": flipped.astype(int),
+        "jisacInputIndex": index,
+        "jisacPixelError": result.errors[index],
+    }
+    if "rlnDefocusAngle" in metadata.columns:
+        angle = metadata["rlnDefocusAngle"].to_numpy(np.float64)
+        new["rlnDefocusAngle"] = np.where(flipped, -angle, angle)  # x-mirroring turns the axis at a into -a
+    particles = metadata.copy()
+    for column, values in new.items():
+        particles[column] = values
+    star.write_particle_star(out / "accounted_relion.star", particles, pixel_size=frame.pixel_size,
+                             box_size=frame.box_size)
+
+    averages = relion.to_input_box(result.averages, frame.shrink_ratio, frame.box_size)
+    err = np.asarray([float(np.nanmean(result.errors[m])) if len(m) else 0.0 for m in members])
+    nodes = relion.write_class2d(
+        out / "relion", averages, particles.drop(columns=["jisacFlipped", "jisacInputIndex"]),
+        pixel_size=frame.pixel_size, class_frc=frame.class_frc, frc_pixel_size=frame.working_pixel_size,
+        accuracy_rotations=np.degrees(err / max(target_radius, 1.0)),
+        accuracy_translations=err * frame.working_pixel_size,
+        particle_diameter=2.0 * target_radius / frame.shrink_ratio * frame.pixel_size,
+        do_ctf="rlnDefocusU" in metadata.columns,
+    )
+    nodes[out / "class_averages.star"] = relion.NODE_AVERAGES
+    relion.write_output_nodes(out, nodes)
+
+    model = starfile.read(out / "relion" / "run_it000_model.star", always_dict=True)["model_classes"]
+    cs = out / "cryosparc"
+    cs.mkdir(exist_ok=True)
+    cryosparc_out.write_particles(
+        cs / "particles.cs", metadata, substack=substack, box=frame.box_size, pixel_size=frame.pixel_size,
+        class_number=classes, psi=psi, origin_px=np.stack([ox, oy], -1) / frame.pixel_size, flipped=flipped,
+        split=half[index], error=result.errors[index])
+    cryosparc_out.write_templates(cs, averages, frame.pixel_size, model["rlnEstimatedResolution"].to_numpy())

@@ -126,6 +126,11 @@ class ParticleStack:
         return len(self._file_of)
 
     @property
+    def table(self) -> ParticleTable:
+        """Where each image lives (the resolved files; what the output writer names in RELION-ready STAR files)."""
+        return self._table
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         """``(n, ny, nx)``."""
         return (len(self), self.box_size, self.box_size)

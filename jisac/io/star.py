@@ -9,7 +9,10 @@ list any number of stacks. The pixel size of a 3.0 file comes from ``rlnImagePix
 
 Write: RELION 3.1 files (``data_optics`` + ``data_particles``). Every input column with scalar values is carried
 through; optics labels (``jisac.io.table.OPTICS_COLUMNS``) that are constant within each optics group go to
-``data_optics``, everything else to ``data_particles``.
+``data_optics``, everything else to ``data_particles``. Image paths in written files follow RELION's rule: they are
+resolved against the folder the program runs in (the project folder), so :func:`portable_path` names a file
+relative to the current working directory at write time (absolute when it lies outside it), and
+:func:`portable_image_names` rewrites each particle's ``rlnImageName`` from the file the reader resolved it to.
 """
 
 from __future__ import annotations
@@ -160,12 +163,20 @@ def _is_scalar_column(values: pd.Series) -> bool:
     return not any(isinstance(v, (list, tuple, np.ndarray, np.void, dict)) for v in values)
 
 
+# Optics values RELION requires in every optics group; used only when the input has none (no defocus either).
+_OPTICS_PLACEHOLDERS = {"rlnVoltage": 300.0, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
+
+
 def split_optics(metadata: pd.DataFrame, *, pixel_size: float | None = None, box_size: int | None = None):
     """Splits a per-particle table into RELION 3.1's ``(optics, particles)`` tables.
 
     Adds what RELION 3.1 requires when missing: ``rlnOpticsGroup`` (1), ``rlnOpticsGroupName``
     (``opticsGroup<k>``), ``rlnImagePixelSize`` (``pixel_size``, Å), ``rlnImageSize`` (``box_size``, px) and
-    ``rlnImageDimensionality`` (2). Columns whose cells are arrays are dropped (STAR holds scalars)."""
+    ``rlnImageDimensionality`` (2), and ``rlnVoltage`` (300 kV), ``rlnSphericalAberration`` (2.7 mm) and
+    ``rlnAmplitudeContrast`` (0.1) when the table has none: RELION 3.1's ObservationModel refuses an optics group
+    without them (``relion_image_handler`` then fails with "trying to read image with empty file name"), even
+    for particles that carry no defocus, whose CTF nothing computes. Columns whose cells are arrays are dropped
+    (STAR holds scalars)."""
     table = metadata[[c for c in metadata.columns if _is_scalar_column(metadata[c])]].copy()
     if "rlnOpticsGroup" not in table.columns:
         table["rlnOpticsGroup"] = 1
@@ -178,6 +189,9 @@ def split_optics(metadata: pd.DataFrame, *, pixel_size: float | None = None, box
         table["rlnImageSize"] = int(box_size)
     if "rlnImageDimensionality" not in table.columns:
         table["rlnImageDimensionality"] = 2
+    for column, value in _OPTICS_PLACEHOLDERS.items():
+        if column not in table.columns:
+            table[column] = value
     grouped = table.groupby("rlnOpticsGroup", sort=True)
     optics_columns = [c for c in OPTICS_COLUMNS if c in table.columns
                       and bool((grouped[c].nunique(dropna=False) <= 1).all())]
@@ -209,6 +223,23 @@ def write_particle_star(path: str | os.PathLike, metadata: pd.DataFrame, new_col
     optics, particles = split_optics(table, pixel_size=pixel_size, box_size=box_size)
     with atomic_path(path) as tmp:
         starfile.write({"optics": optics, "particles": particles}, tmp)
+
+
+def portable_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
+    """``path`` as RELION should see it from ``base`` (default: the current working directory, RELION's project
+    folder): relative when it lies inside ``base``, absolute otherwise (a ``../`` path breaks as soon as the
+    project folder is moved or linked elsewhere)."""
+    target = Path(path).resolve()
+    root = Path.cwd().resolve() if base is None else Path(base).resolve()
+    return str(target.relative_to(root)) if target.is_relative_to(root) else str(target)
+
+
+def portable_image_names(files, file_of, index_in_file, base: str | os.PathLike | None = None) -> list[str]:
+    """``N@path`` names (N 1-based) for particles whose image is ``index_in_file[i]`` (0-based) of
+    ``files[file_of[i]]`` (resolved paths, as :class:`jisac.io.table.ParticleTable` holds them), each path made
+    :func:`portable_path` from ``base``."""
+    names = [portable_path(f, base) for f in files]
+    return image_names(index_in_file, [names[k] for k in np.asarray(file_of, np.int64)])
 
 
 def write_stack_and_star(star_path: str | os.PathLike, stack_path: str | os.PathLike, images,
