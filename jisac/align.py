@@ -1,5 +1,5 @@
-"""Algorithm layer: Multi-reference polar alignment: every particle against every reference, over all in-plane rotations, a grid
-of candidate centres and the mirror (``shared/isac_algorithm.md`` §5).
+"""Algorithm layer: Multi-reference polar alignment: every particle against every reference, over all in-plane
+rotations, a grid of candidate centres and the mirror (``shared/isac_algorithm.md`` §5).
 
 The score of a particle against a reference at centre ``c``, rotation ``psi`` and mirror flag ``m`` is the
 ring-weighted mean product of their ring samples (``polar.RingGeometry.weights``)::

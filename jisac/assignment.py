@@ -1,4 +1,5 @@
-"""Algorithm layer: Equal-size assignment of particles to classes (ISAC's "EQ-K-means" step, ``isac_algorithm.md`` §8.1 step 3).
+"""Algorithm layer: Equal-size assignment of particles to classes (ISAC's "EQ-K-means" step, ``isac_algorithm.md``
+§8.1 step 3).
 
 SPHIRE's ``assign_groups``: sort every (particle, class) score in descending order and walk the list, giving a
 particle to a class when the particle is still free and the class still open; a class closes when it holds

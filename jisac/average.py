@@ -1,4 +1,5 @@
-"""Algorithm layer: Class averages: transform every member by its parameters and sum per class (``isac_algorithm.md`` §6.1).
+"""Algorithm layer: Class averages: transform every member by its parameters and sum per class (``isac_algorithm.md``
+§6.1).
 
 Sums are segment sums over a class label per particle, in fixed-size particle chunks, so there is one
 compilation whatever the class sizes are: particles with label ``-1`` (or ``>= n_classes``) are left out.

@@ -1,6 +1,6 @@
-"""Workflow layer: Preprocessing cache: the working stack and the pre-alignment shifts of a stack, reused by later runs on the same
-data (a parameter sweep runs ISAC many times on one stack; pre-alignment and the working stack only depend on the
-input and a few settings).
+"""Workflow layer: Preprocessing cache: the working stack and the pre-alignment shifts of a stack, reused by later
+runs on the same data (a parameter sweep runs ISAC many times on one stack; pre-alignment and the working stack only
+depend on the input and a few settings).
 
 An entry is a folder ``<cache_dir>/<key>/`` holding
 

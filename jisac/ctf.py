@@ -1,4 +1,5 @@
-"""Algorithm layer: The contrast transfer function (CTF) in RELION's conventions, phase flipping and CTF-weighted averages.
+"""Algorithm layer: The contrast transfer function (CTF) in RELION's conventions, phase flipping and CTF-weighted
+averages.
 
 Model (RELION ``src/ctf.h`` ``CTF::getCTF`` and ``src/ctf.cpp`` ``CTF::initialise``, restated; checked against
 the analytic zeros and hand-computed values in ``tests/test_ctf.py``). For a spatial frequency ``k`` (1/Angstrom)

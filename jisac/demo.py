@@ -1,4 +1,5 @@
-"""Workflow layer: The built-in demo stack (what ``python -m jisac`` classifies with no input) and the alignment-engine demo.
+"""Workflow layer: The built-in demo stack (what ``python -m jisac`` classifies with no input) and the alignment-
+engine demo.
 
 ``demo_stack`` writes, once, a RELION stack of CTF-modulated noisy projections of a deterministic asymmetric
 phantom with known views (``particles.star`` + ``particles.mrcs`` in the user's cache folder) and returns it.

@@ -1,5 +1,5 @@
-"""Algorithm layer: Pre-alignment: reference-free alignment of the whole stack, kept only for centring (``isac_algorithm.md``
-§3.1, SPHIRE ``ali2d_base`` as called by ``sp_isac2.py``).
+"""Algorithm layer: Pre-alignment: reference-free alignment of the whole stack, kept only for centring
+(``isac_algorithm.md`` §3.1, SPHIRE ``ali2d_base`` as called by ``sp_isac2.py``).
 
 All particles are aligned to their global average over several search stages (coarse to fine translational
 ranges), ``maxit`` passes each. Every pass centres the average by the members' mean displacement (SPHIRE's

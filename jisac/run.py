@@ -21,7 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jisac import beautify, cache, checkpoint, config, ctf, devices, filters, io, memory, pipeline, prealign, preprocess, rows
+from jisac import beautify, cache, checkpoint, config, ctf, devices, filters, io, memory, pipeline, prealign
+from jisac import preprocess, rows
 from jisac import progress, sharding
 from jisac import report as html_report
 from jisac.budget import working_stack_on_disk

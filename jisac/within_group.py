@@ -1,5 +1,6 @@
-"""Algorithm layer: Reference-free alignment inside classes, for all classes at once (SPHIRE ``within_group_refinement``,
-``isac_algorithm.md`` §7): ISAC's building block for stable class averages and for the stability test.
+"""Algorithm layer: Reference-free alignment inside classes, for all classes at once (SPHIRE
+``within_group_refinement``, ``isac_algorithm.md`` §7): ISAC's building block for stable class averages and for the
+stability test.
 
 From a random start (each member rotated and mirrored at random about its current centre), ``maxit`` passes
 alternate between averaging each class with its members' current parameters, low-passing the averages with a

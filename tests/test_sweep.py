@@ -20,7 +20,8 @@ from jisac.diskarray import DiskArray
 from jisac.io.star import write_stack_and_star
 
 BOX, RADIUS, N = 32, 12, 60  # tiny: 2-3 classes of 20-30 particles; every JAX compile counts
-TINY = ["beautify.enabled=false", "isac.radius=12", "isac.target_radius=12", "isac.target_nx=32", "isac.maxit=3", "isac.init_iter=1",
+TINY = ["beautify.enabled=false", "isac.radius=12", "isac.target_radius=12", "isac.target_nx=32", "isac.maxit=3",
+        "isac.init_iter=1",
         "isac.stab_ali=2", "isac.main_iter_limit=1"]
 RESULTS = ("particle_classes.txt", "all_parameters.txt")
 

@@ -1,5 +1,5 @@
-"""Formats layer: Crash-safe writes: every output is written under a temporary name in its folder and renamed when complete,
-so a killed run never leaves a file that looks finished."""
+"""Formats layer: Crash-safe writes: every output is written under a temporary name in its folder and renamed when
+complete, so a killed run never leaves a file that looks finished."""
 
 from __future__ import annotations
 

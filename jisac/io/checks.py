@@ -1,4 +1,5 @@
-"""Formats layer: Checks a run makes on its input before computing, each failing with one clear :class:`StackError` line."""
+"""Formats layer: Checks a run makes on its input before computing, each failing with one clear :class:`StackError`
+line."""
 
 from __future__ import annotations
 

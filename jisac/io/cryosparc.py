@@ -1,4 +1,5 @@
-"""Formats layer: cryoSPARC particle files (``.cs``), read through cryosparc-tools' ``Dataset`` (the io layer's cryoSPARC reader).
+"""Formats layer: cryoSPARC particle files (``.cs``), read through cryosparc-tools' ``Dataset`` (the io layer's
+cryoSPARC reader).
 
 cryoSPARC writes ``.cs`` files in two formats: a NumPy structured array saved with ``np.save`` (a refinement's file
 has hundreds of fields and a NumPy header beyond ``np.load``'s 10 kB safety limit) and cryosparc-tools' newer

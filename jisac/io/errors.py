@@ -1,5 +1,6 @@
-"""Formats layer: The one error type of jisac's input/output: a :class:`StackError` carries a single line that names the file,
-row or parameter at fault and what to do about it, so a user never has to read a traceback from inside a library."""
+"""Formats layer: The one error type of jisac's input/output: a :class:`StackError` carries a single line that names
+the file, row or parameter at fault and what to do about it, so a user never has to read a traceback from inside a
+library."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Formats layer: Where each particle's image lives: the common result of every metadata reader (STAR, cryoSPARC .cs, plain
-MRC/HDF stacks), from which :class:`jisac.io.stack.ParticleStack` is built."""
+"""Formats layer: Where each particle's image lives: the common result of every metadata reader (STAR, cryoSPARC .cs,
+plain MRC/HDF stacks), from which :class:`jisac.io.stack.ParticleStack` is built."""
 
 from __future__ import annotations
 
