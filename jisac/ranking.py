@@ -249,7 +249,11 @@ def class_table(run_dir) -> pd.DataFrame:
         members = np.asarray(summary.get("class_sizes") or [0] * k)
         mean_error = np.full(k, np.nan)
     averages = read_stack(run_dir / "class_averages.mrcs")
-    stable = stable_fractions(members, averages, run_dir, summary.get("generations") or [], img_per_grp)
+    written = _read_star_table(run_dir / "class_averages.star")
+    if written is not None and "jisacStableFraction" in written.columns and len(written) == k:
+        stable = pd.to_numeric(written["jisacStableFraction"], errors="coerce").to_numpy(np.float64)  # exact
+    else:  # a run folder written before the stable share was recorded
+        stable = stable_fractions(members, averages, run_dir, summary.get("generations") or [], img_per_grp)
     resolution, res_pixel = _resolutions(run_dir, k)
     # an unknown pixel error (no per-particle table) scores as ISAC2's threshold: accepted, nothing better known
     thld = float((summary.get("parameters") or {}).get("thld_err") or 0.7)

@@ -180,14 +180,21 @@ def write_montage(path: Path, averages: np.ndarray, sizes, columns: int = 10) ->
         fig.savefig(tmp, dpi=80, format="png")
 
 
-def class_statistics(result: ClassificationResult, img_per_grp: int) -> pd.DataFrame:
-    """One row per class: members, stable share, mean pixel error and the ranking score (``jisac.ranking``)."""
+def class_statistics(result: ClassificationResult, img_per_grp: int, resolution_angst=None,
+                     pixel_size: float | None = None) -> pd.DataFrame:
+    """One row per class: members, stable share, mean pixel error, resolution (Å, when known; of averages of
+    ``pixel_size`` Å/px) and the ranking score (``jisac.ranking``)."""
     members = np.asarray([len(m) for m in result.members()], np.int64)
     errors = np.asarray([float(np.nanmean(result.errors[m])) if len(m) else np.nan for m in result.members()])
     stable = members / np.maximum(np.asarray(result.candidates, np.float64), 1.0)
-    score = ranking.class_scores(stable, np.nan_to_num(errors), members, img_per_grp=img_per_grp)
-    return pd.DataFrame({"jisacMembers": members, "jisacStableFraction": np.round(stable, 4),
-                         "jisacMeanPixelError": np.round(errors, 4), ranking.SCORE_COLUMN: np.round(score, 3)})
+    score = ranking.class_scores(stable, np.nan_to_num(errors), members, resolution_angst, pixel_size,
+                                 img_per_grp=img_per_grp)
+    table = {"jisacMembers": members, "jisacStableFraction": np.round(stable, 4),
+             "jisacMeanPixelError": np.round(errors, 4)}
+    if resolution_angst is not None:
+        table["rlnEstimatedResolution"] = np.round(np.asarray(resolution_angst, np.float64), 2)
+    table[ranking.SCORE_COLUMN] = np.round(score, 3)
+    return pd.DataFrame(table)
 
 
 def summary_of(result: ClassificationResult) -> dict:
@@ -292,12 +299,14 @@ def _write_relion_and_sphire(out: Path, result: ClassificationResult, frame: Inp
         return
     members = result.members()
     n_accounted = max(int(accounted.sum()), 1)
+    resolution = (relion.class_resolution_angst(frame.class_frc, frame.working_pixel_size)
+                  if frame.class_frc is not None else None)
     hdf.write_class_averages(out / "ordered_class_averages.hdf", result.averages, members, frame.working_pixel_size)
     table = pd.concat([pd.DataFrame({
         "rlnReferenceImage": [f"{j + 1:06d}@{star.portable_path(out / 'class_averages.mrcs')}" for j in range(k)],
         "rlnClassNumber": np.arange(1, k + 1),
         "rlnClassDistribution": [len(m) / n_accounted for m in members],
-    }), class_statistics(result, img_per_grp)], axis=1)
+    }), class_statistics(result, img_per_grp, resolution, frame.working_pixel_size)], axis=1)
     with atomic_path(out / "class_averages.star") as tmp:
         starfile.write({"model_classes": table}, tmp)
     if frame.stack is not None:

@@ -27,10 +27,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import mrcfile
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import starfile
 
+from jisac import filters
 from jisac.io.atomic import atomic_path
 from jisac.io.star import portable_path, split_optics
 from jisac.transforms import Transform2D, apply_transform, bilinear_sample, compose, make_transform
@@ -125,17 +127,19 @@ def split_half_averages(class_number: np.ndarray, params: np.ndarray, working, k
 
 
 def frc_crossing(frc: np.ndarray, threshold: float = FRC_THRESHOLD) -> np.ndarray:
-    """Shell (fractional) where each FRC ``(..., shells)`` first falls below ``threshold`` (shell 0 ignored, linear
-    between shells); the last shell when it never falls. The same rule as ``jisac.filters.frc_resolution`` (which
-    the io layer may not import), times the box."""
+    """Shell (fractional) where each FRC ``(..., shells)`` first falls below ``threshold``
+    (``jisac.filters.frc_resolution`` times the box: shell 0 ignored, linear between shells, the last shell when
+    it never falls)."""
     frc = np.asarray(frc, np.float64)
-    n_shells = frc.shape[-1]
-    below = (frc < threshold) & (np.arange(n_shells) >= 1)
-    first = np.where(below.any(-1), np.argmax(below, -1), n_shells - 1)
-    hi = np.take_along_axis(frc, first[..., None], -1)[..., 0]
-    lo = np.take_along_axis(frc, (first - 1)[..., None], -1)[..., 0]
-    step = np.clip((lo - threshold) / np.maximum(lo - hi, 1e-12), 0.0, 1.0)
-    return np.where(below.any(-1), np.maximum(first - 1 + step, 1.0), n_shells - 1.0)
+    box = 2 * (frc.shape[-1] - 1)
+    return np.asarray(filters.frc_resolution(jnp.asarray(frc, jnp.float32), threshold, box), np.float64) * box
+
+
+def class_resolution_angst(class_frc: np.ndarray, pixel_size: float, threshold: float = FRC_THRESHOLD
+                           ) -> np.ndarray:
+    """Each class's resolution (Å) from its split-half FRC ``(k, shells)`` measured at ``pixel_size`` Å/px."""
+    box = 2 * (np.shape(class_frc)[-1] - 1)
+    return box * pixel_size / np.maximum(frc_crossing(class_frc, threshold), 1e-6)
 
 
 def to_input_box(averages: np.ndarray, shrink_ratio: float, box: int) -> np.ndarray:
