@@ -176,8 +176,17 @@ def test_full_run_is_the_same_on_1_2_and_4_devices(device_runs):
 
 @pytest.mark.slow
 def test_results_do_not_depend_on_the_memory_budget(device_runs):
-    """The GPU presets (large chunks, 4 GiB) on the CPU give the CPU presets' result."""
-    _same_results(device_runs / "d1", device_runs / "d1gpu")
+    """The GPU presets (large chunks, 4 GiB) on the CPU give the CPU presets' classes. Not bit for bit: other
+    contraction shapes round differently in float32 (measured: angles within 0.008 deg), so the parameters and
+    pixel errors agree to that rounding and the class of every particle is the same."""
+    a, b = device_runs / "d1", device_runs / "d1gpu"
+    ca, cb = np.loadtxt(a / "particle_classes.txt"), np.loadtxt(b / "particle_classes.txt")
+    np.testing.assert_array_equal(ca[:, 0], cb[:, 0])
+    np.testing.assert_allclose(ca[:, 1], cb[:, 1], atol=1e-2)  # pixel errors, px
+    pa, pb = np.loadtxt(a / "all_parameters.txt"), np.loadtxt(b / "all_parameters.txt")
+    np.testing.assert_array_equal(pa[:, 3], pb[:, 3])  # mirror flags
+    angle = np.abs((pa[:, 0] - pb[:, 0] + 180.0) % 360.0 - 180.0)
+    assert angle.max() < 0.05 and np.abs(pa[:, 1:3] - pb[:, 1:3]).max() < 0.01  # deg, px
 
 
 @pytest.mark.slow
