@@ -241,9 +241,10 @@ def within_group_alignment(
     """Aligns the members of every class to their class average, from a random start.
 
     The whole schedule is one jitted loop over the particles held on the devices (ISAC's working set: 23 kB per
-    76 px particle), padded to a multiple of 128 particles per device so that few shapes are compiled. Classes
-    are independent, so a stack larger than ``max_particles`` is done in groups of whole classes, one call each
-    (every group padded to the same size: one compilation); the result is the same as in one call. Each
+    76 px particle), padded to a multiple of 128 particles per device (``align.size_bucket`` of them) so that few
+    shapes are compiled. Classes are independent, so a stack larger than ``max_particles`` is done in groups of
+    whole classes, one call each (every group padded to the same size: one compilation); the result is the same as
+    in one call. Each
     particle's ring spectra are cached over a window of centres (``wg.cache_window``; ``cache_bytes``, capped by
     ``wg.cache_budget_mb`` per call): same results, fewer resamplings (docs/benchmarks.md).
 
@@ -276,7 +277,8 @@ def within_group_alignment(
     # The random start is drawn for the whole unpadded stack so results depend neither on padding nor on groups.
     start = jax.tree.map(np.asarray, random_start(key, params, n))
     groups = _class_groups(labels, sizes, max_particles or max(n, 1))
-    padded = max(-(-max(len(g), 1) // step) * step for g in groups)
+    # whole steps, size_bucket of them: a few shapes per run whatever the working-set sizes of its generations
+    padded = max(align.size_bucket(-(-max(len(g), 1) // step)) * step for g in groups)
     wg = wg._replace(cache_window=_cache_window(padded, options, wg))
     # check_vma off: the class-sum scan starts from a zero that is the same on every device
     fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4, (False, True), collectives=True,
