@@ -57,14 +57,15 @@ def _class_sums(images, params, seg, n_classes, exponent, reduce):
     """Exact (fixed-point, ``average`` module) sums of transformed images per class inside jit, in chunks,
     added over the devices by ``reduce``: ``(n_classes, ny, nx)`` float32, the same on any number of devices."""
     n = images.shape[0]
-    chunks = n // _SUM_CHUNK
+    size = min(n, _SUM_CHUNK)  # fewer particles than a chunk (a few averages): one chunk of them
+    chunks = n // size
 
     def add(total, xs):
         imgs, p, s = xs
         hi, lo = average.exact_segment_sum(apply_transform(imgs, p), s, n_classes + 1, exponent)
         return (total[0] + hi[:n_classes], total[1] + lo[:n_classes]), None
 
-    reshape = lambda a: a.reshape(chunks, _SUM_CHUNK, *a.shape[1:])  # noqa: E731
+    reshape = lambda a: a.reshape(chunks, size, *a.shape[1:])  # noqa: E731
     zero = jnp.zeros((n_classes,) + images.shape[1:], jnp.int32)
     (hi, lo), _ = jax.lax.scan(add, (zero, zero), (reshape(images), jax.tree.map(reshape, params), reshape(seg)))
     hi, lo = reduce((hi, lo))
@@ -273,12 +274,10 @@ def within_group_alignment(
                          f"({average.MAX_TERMS}); raise isac.img_per_grp's class count (more classes)")
     options = options._replace(normalize_particles=False)
     n_dev = 1 if mesh is None else mesh.size
-    step = int(np.lcm(_SUM_CHUNK, options.particle_batch)) * n_dev
     # The random start is drawn for the whole unpadded stack so results depend neither on padding nor on groups.
     start = jax.tree.map(np.asarray, random_start(key, params, n))
     groups = _class_groups(labels, sizes, max_particles or max(n, 1))
-    # whole steps, size_bucket of them: a few shapes per run whatever the working-set sizes of its generations
-    padded = max(align.size_bucket(-(-max(len(g), 1) // step)) * step for g in groups)
+    padded = _padded_size(max(len(g) for g in groups), n_dev, options.particle_batch)
     wg = wg._replace(cache_window=_cache_window(padded, options, wg))
     # check_vma off: the class-sum scan starts from a zero that is the same on every device
     fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4, (False, True), collectives=True,
@@ -298,6 +297,20 @@ def within_group_alignment(
         for f_all, f in zip(out, found):
             f_all[rows] = sharding.fetch(f)[:m]
     return averages, Transform2D(*map(jnp.asarray, out))
+
+
+def _padded_size(m: int, n_dev: int, batch: int) -> int:
+    """Rows per call (all devices) for ``m`` particles: whole steps of ``lcm(_SUM_CHUNK, batch)`` per device,
+    ``align.size_bucket`` of them (a few shapes per run whatever the working-set sizes of its generations); below
+    one such step per device (the common frame of a few class averages) a power of two of whole batches per
+    device, so that 4 averages are not aligned as 128 rows of which 124 are padding."""
+    step = int(np.lcm(_SUM_CHUNK, batch))
+    per_device = -(-max(m, 1) // n_dev)
+    if per_device < step:
+        local = -(-(1 << (per_device - 1).bit_length()) // batch) * batch
+        if local < _SUM_CHUNK or local % _SUM_CHUNK == 0:
+            return local * n_dev
+    return align.size_bucket(-(-per_device // step)) * step * n_dev
 
 
 def _class_groups(labels: np.ndarray, sizes: np.ndarray, max_particles: int) -> list[np.ndarray]:
