@@ -91,7 +91,7 @@ def _window_spectra(images: Array, centres: Array, window: np.ndarray, options: 
     return spec[..., : _n_used_freqs(options)]
 
 
-def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, options, coarse, wg):
+def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, options, coarse, wg, n_valid):
     """One alignment pass of every particle to its class average, reusing ring spectra across passes.
 
     Within a run a particle's centre only moves by whole grid steps (``ts = 1``), so the 3x3 candidate centres
@@ -101,6 +101,9 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
     anchor, e.g. after clamping) are first resampled around their current centre; only those are written.
     The spectra used are those the uncached search computes (same sample points up to the float rounding of
     the anchor arithmetic), so the results agree with ``cache_window = 0``.
+
+    ``n_valid``: the rows before it are particles, the rest padding (``within_group_alignment`` pads to a few
+    sizes): padding is never resampled nor aligned (its parameters stay zero; they are dropped).
 
     Returns ``(params, cache, anchor)``.
     """
@@ -116,6 +119,7 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
     # 1. Refresh the windows of the particles whose grid leaves them, b at a time (a dynamic number of steps).
     rel = centres - anchor
     ok = jnp.all(jnp.abs(rel - jnp.round(rel)) < 1e-3, -1) & jnp.all(jnp.abs(jnp.round(rel)) <= w - reach, -1)
+    ok = ok | (jnp.arange(n) >= n_valid)
     stale = jnp.nonzero(~ok, size=n, fill_value=0)[0]  # padding repeats particle 0: rewriting it is harmless
     n_steps = (jnp.sum(~ok) + b - 1) // b
 
@@ -145,7 +149,8 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
         return jax.tree.map(lambda o, f: jax.lax.dynamic_update_slice_in_dim(o, f, i * b, 0), out, found)
 
     zeros = jnp.zeros((n,), jnp.float32)
-    out = jax.lax.fori_loop(0, n // b, batch, Transform2D(zeros, zeros, zeros, jnp.zeros((n,), bool)))
+    n_batches = (n_valid + b - 1) // b  # the padding rows after the last particle's batch are skipped
+    out = jax.lax.fori_loop(0, n_batches, batch, Transform2D(zeros, zeros, zeros, jnp.zeros((n,), bool)))
     return out, cache, anchor
 
 
@@ -182,6 +187,8 @@ def _within_group_local(images, labels, valid, params, n_classes, options, wg, a
         return filters.tanh_lowpass(avg, cutoff, wg.ff) if lowpass else avg
 
     use_cache = wg.cache_window > 0 and _integer_grid(options)
+    # this device's particles come first in its rows (the padding is at the end of the whole stack)
+    n_valid = jnp.sum(valid.astype(jnp.int32))
     n_used = _n_used_freqs(options)
     clamp = lambda c: jnp.clip(c, -wg.max_centre, wg.max_centre)  # noqa: E731
 
@@ -206,7 +213,8 @@ def _within_group_local(images, labels, valid, params, n_classes, options, wg, a
         params, cache, anchor = carry
         centres, spectra, use_coarse = pass_inputs(params, it)
         return _cached_pass(
-            images, centres, safe_labels, spectra[..., :n_used], cache, anchor, use_coarse, options, coarse, wg
+            images, centres, safe_labels, spectra[..., :n_used], cache, anchor, use_coarse, options, coarse, wg,
+            n_valid,
         )
 
     if use_cache:
