@@ -101,7 +101,8 @@ def main() -> None:
                 rows.append(res)
                 print(f"{code} {kind}: {res['wall_s']} s", file=sys.stderr, flush=True)
     stages = ["prealignment", "working_stack", "cache_load", "isac", "total"]
-    print(f"\n| code | run | wall s | {' | '.join(stages)} | compiles (cache loads, s) | classes | accounted | purity |")
+    head = ["code", "run", "wall s", *stages, "compiles (cache loads, s)", "classes", "accounted", "purity"]
+    print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * (len(stages) + 7))
     for r in rows:
         sec = [str(r["seconds"].get(s, "")) for s in stages]
