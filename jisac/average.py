@@ -106,7 +106,7 @@ def class_sums(images, params: Transform2D, labels, n_classes: int, chunk: int =
     """
     n = images.shape[0]
     n_dev = 1 if mesh is None else mesh.size
-    chunk = min(chunk, n)  # a small stack is not padded to a whole chunk
+    chunk = min(chunk, 1 << max(n - 1, 0).bit_length())  # a small stack: padded to a power of two (few shapes)
     padded_chunk = -(-chunk // n_dev) * n_dev
     labels = np.asarray(labels, np.int32)
     fields = [np.asarray(f) for f in params]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import jax
 
-from jisac.align import chunk_sizes_for_budget
+from jisac.align import chunk_sizes_for_budget, size_bucket
 
 
 # Preferred chunk sizes and device memory budget per backend (``align.*``, ``hardware.memory_budget_mb`` left
@@ -89,6 +89,18 @@ def plan(budget: Budget, options, n_references: int, box: int, n_devices: int) -
     per_device -= per_device % batch
     wg_per_device = max(128, half // (4 * image))
     return Plan(batch, ref_chunk, per_device * n_devices, wg_per_device * n_devices)
+
+
+def class_bucket(k: int, reference_chunk: int) -> int:
+    """Classes a generation of ``k`` classes is compiled for: ``size_bucket(k)`` up to one reference chunk, else
+    whole chunks (up to 8 exactly, then ``size_bucket`` of them: the MRA's cost grows with the chunks, so no
+    power-of-two rounding there). The padding references are masked (``isac``): results are those of ``k``
+    classes."""
+    chunk = max(int(reference_chunk), 1)
+    if k <= chunk:
+        return min(size_bucket(k), chunk)
+    chunks = -(-k // chunk)
+    return (chunks if chunks <= 8 else size_bucket(chunks)) * chunk
 
 
 def working_stack_on_disk(n: int, box: int, budget: Budget, output_dir):

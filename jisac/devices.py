@@ -4,15 +4,24 @@ On a CPU, XLA runs the alignment kernel's small batched matmuls and FFTs on one 
 one CPU device per core and splits particles over them (measured 1.65x on 2 cores, docs/benchmarks.md). The
 device count is fixed when the backend starts: ``setup`` (``use_all_cpu_cores``, ``jax.distributed``) runs before
 any JAX computation. ``hardware.devices`` picks devices by id (GPU ISAC's ``--gpu_devices``).
+
+Compiled programs are kept in JAX's persistent compilation cache (``enable_compilation_cache``, on by default
+under ``jisac.cache.user_cache_root() / "xla"``), so that a second run on the same shapes compiles nothing;
+``compilation_stats`` counts the XLA compilations of this process (for ``summary.json``).
 """
 
 from __future__ import annotations
 
+import collections
+import importlib.util
 import logging
 import os
+import threading
+from pathlib import Path
 
 import jax
 import numpy as np
+from jax import monitoring
 
 from jisac.sharding import data_mesh, is_main_process
 
@@ -32,6 +41,93 @@ def use_all_cpu_cores() -> None:
         cores = os.cpu_count() or 1
     jax.config.update("jax_num_cpu_devices", max(1, cores))
 
+
+# ------------------------------------------------------------------------------------------ compilation
+
+COMPILATION_CACHE_MAX_BYTES = 2 << 30  # least recently used programs are dropped above this (the demo: ~60 MB)
+
+
+def default_compilation_cache() -> Path:
+    """``$XDG_CACHE_HOME/jisac/xla`` (``~/.cache/jisac/xla``): ``jisac.cache.user_cache_root() / "xla"``, beside
+    the demo stacks and the preprocessing cache (spelled out here because ``cache`` is a layer above; a test
+    keeps the two equal)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jisac" / "xla"
+
+
+def enable_compilation_cache(folder: Path | None) -> None:
+    """Keeps every compiled XLA program in ``folder`` (JAX's persistent compilation cache) so that a later run
+    with the same shapes loads it instead of compiling; ``None`` turns the cache off. Call before any JAX
+    computation (JAX decides once per process, at its first compilation, whether the cache is used).
+
+    Every program is cached, however quick its compilation (JAX's default keeps only those above 1 s; jisac's
+    many programs of 0.05-2 s each add up to most of a run's compile time). With the ``filelock`` package
+    installed the folder is bounded to ``COMPILATION_CACHE_MAX_BYTES`` (least recently used entries go first);
+    without it JAX cannot trim it, and it grows by the programs of each new shape (a few MB per run setting)."""
+    if folder is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a read-only home must not stop a run: it only compiles every time
+        log.warning("compilation cache off: cannot create %s (%s)", folder, err)
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    if importlib.util.find_spec("filelock") is not None:  # JAX needs it to trim the folder (else: no bound)
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+
+
+_STATS = {"compilations": 0, "compile_seconds": 0.0, "cache_hits": 0}
+_PROGRAMS: collections.Counter = collections.Counter()
+_LOCK = threading.Lock()
+_COUNTING = []
+
+
+def _on_duration(event: str, duration: float, fun_name: str = "?", **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":  # a compilation, or a load from the cache
+        with _LOCK:
+            _STATS["compilations"] += 1
+            _STATS["compile_seconds"] += duration
+            _PROGRAMS[fun_name] += 1
+
+
+def _on_event(event: str, **kwargs) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        with _LOCK:
+            _STATS["cache_hits"] += 1
+
+
+def count_compilations() -> None:
+    """Starts counting this process's XLA compilations (idempotent); read them with ``compilation_stats``."""
+    if not _COUNTING:
+        monitoring.register_event_duration_secs_listener(_on_duration)
+        monitoring.register_event_listener(_on_event)
+        _COUNTING.append(True)
+
+
+def compilation_stats() -> dict:
+    """Since ``count_compilations``: ``compilations`` (XLA programs compiled, persistent-cache loads excluded),
+    ``cache_hits`` (programs loaded from the persistent cache) and ``compile_seconds`` (both, wall time)."""
+    with _LOCK:
+        hits = _STATS["cache_hits"]
+        return {"compilations": _STATS["compilations"] - hits, "cache_hits": hits,
+                "compile_seconds": round(_STATS["compile_seconds"], 2)}
+
+
+def compiled_programs() -> dict[str, int]:
+    """How many times each program (by function name, e.g. ``_scores_chunk``) was compiled or loaded from the
+    persistent cache since ``count_compilations``."""
+    with _LOCK:
+        return dict(_PROGRAMS)
+
+
+def compilation_count() -> int:
+    """XLA programs compiled in this process since ``count_compilations`` (cache loads excluded)."""
+    return compilation_stats()["compilations"]
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -82,9 +178,12 @@ def quiet_other_processes() -> None:
 
 
 def setup(hw) -> None:
-    """Applies a ``config.HardwareConfig`` first thing in a run: one CPU device per core, ``jax.distributed`` if
-    asked, quiet non-zero processes, and a check of ``hardware.devices``."""
+    """Applies a ``config.HardwareConfig`` first thing in a run: one CPU device per core, the persistent
+    compilation cache (``hardware.compilation_cache``, default on), ``jax.distributed`` if asked, quiet non-zero
+    processes, and a check of ``hardware.devices``."""
     use_all_cpu_cores()
+    count_compilations()
+    enable_compilation_cache(default_compilation_cache() if getattr(hw, "compilation_cache", True) else None)
     initialize_distributed(hw.distributed, hw.coordinator_address, hw.num_processes, hw.process_id)
     quiet_other_processes()
     select_devices(hw.devices)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jisac import align, average, criteria, filters, rows, within_group
-from jisac.budget import Budget, Plan, backend_preset, default_budget, plan
+from jisac.budget import Budget, Plan, backend_preset, class_bucket, default_budget, plan
 from jisac.assignment import assign_equal_size
 from jisac.polar import RingGeometry
 from jisac.transforms import Transform2D, apply_transform, compose, identity, make_transform, particle_centre
@@ -181,7 +181,13 @@ class SacState(NamedTuple):
 
 class Steps(NamedTuple):
     """Static settings of one generation's steps: ISAC's parameters, the chunk sizes ``plan`` chose for its class
-    count, the within-group schedule, the particle mask and the class count."""
+    count, the within-group schedule, the particle mask and the class count.
+
+    ``padded_classes`` (``>= n_classes``, ``budget.class_bucket``): the class count the device programs are
+    compiled for. References ``n_classes..padded_classes - 1`` are zero images that never take part: their score
+    columns are dropped before the assignment, no particle is labelled with them, and their averages stay zero.
+    So a generation of 3 classes and one of 4 run the same programs, with the results of their own class count.
+    """
 
     p: IsacParams
     options: align.AlignOptions
@@ -189,6 +195,11 @@ class Steps(NamedTuple):
     wg: within_group.WithinGroupOptions
     mask: np.ndarray
     n_classes: int
+    padded_classes: int = 0  # 0: n_classes (no padding)
+
+    @property
+    def k_pad(self) -> int:
+        return max(self.padded_classes, self.n_classes)
 
 
 def _class_mask(labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,18 +226,23 @@ def _recentre(averages: jax.Array, params: Transform2D, labels: np.ndarray, n_cl
     return averages, params
 
 
-def generation_steps(n: int, p: IsacParams, mesh=None, budget: Budget | None = None) -> Steps:
+def generation_steps(n: int, p: IsacParams, mesh=None, budget: Budget | None = None, bucket: bool = True) -> Steps:
     """The ``Steps`` of a generation of ``n`` particles: ``n // img_per_grp`` classes; chunk sizes from
-    ``budget`` (default: the backend's presets) for the mesh's device count (results do not depend on them)."""
+    ``budget`` (default: the backend's presets) for the mesh's device count (results do not depend on them).
+    ``bucket``: compile for ``budget.class_bucket`` classes (a few class counts per run; same results)."""
     k = n // p.img_per_grp
     platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
     n_dev = 1 if mesh is None else mesh.size
-    sizes = plan(budget or default_budget(platform), p.align, k, p.target_nx, n_dev)
+    budget = budget or default_budget(platform)
+    # the reference chunk the budget allows for many references (plan gives min(k, it) for k references)
+    chunk = plan(budget, p.align, budget.reference_chunk, p.target_nx, n_dev).reference_chunk
+    k_pad = class_bucket(k, chunk) if bucket else k
+    sizes = plan(budget, p.align, k_pad, p.target_nx, n_dev)
     options = p.align._replace(particle_batch=sizes.particle_batch, reference_chunk=sizes.reference_chunk)
     wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre,
                                          cache_window=backend_preset("within_group_cache_window", platform))
     mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
-    return Steps(p, options, sizes, wg, mask, k)
+    return Steps(p, options, sizes, wg, mask, k, k_pad)
 
 
 def start_generation(images, key: jax.Array, steps: Steps) -> SacState:
@@ -234,13 +250,19 @@ def start_generation(images, key: jax.Array, steps: Steps) -> SacState:
     n = images.shape[0]
     k_init, key = jax.random.split(key)
     references = jnp.asarray(images[np.asarray(jax.random.choice(k_init, n, (steps.n_classes,), replace=False))])
-    return SacState(references, identity((n,)), np.zeros(n, np.int32), key)
+    return SacState(_pad_classes(references, steps.k_pad), identity((n,)), np.zeros(n, np.int32), key)
+
+
+def _pad_classes(a, k_pad: int):
+    """``a`` ``(k, ...)`` with zero rows up to ``(k_pad, ...)`` (the masked padding classes of ``Steps``)."""
+    a = jnp.asarray(a)
+    return a if a.shape[0] >= k_pad else jnp.pad(a, [(0, k_pad - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
 
 def mra_step(images, state: SacState, cutoff: float, steps: Steps, mesh=None) -> SacState:
     """One EQ-K-means iteration (§8.1 steps 1-5): multi-reference alignment about each particle's centre,
     equal-size assignment, filtered (``cutoff``) and centred averages, the averages put in a common frame."""
-    p, options, k = steps.p, steps.options, steps.n_classes
+    p, options, k, k_pad = steps.p, steps.options, steps.n_classes, steps.k_pad
     params, key = state.params, state.key
     # 1-2. references (mean-subtracted in the mask) and multi-reference alignment about each centre
     cx, cy = (np.asarray(c) for c in particle_centre(params))
@@ -250,8 +272,9 @@ def mra_step(images, state: SacState, cutoff: float, steps: Steps, mesh=None) ->
     # parameters would add 13 bytes per pair, and only the assigned pair's are used.
     masked_refs = filters.subtract_masked_mean(state.references, steps.mask)
     bank = align.prepare_references(masked_refs, options)
+    # the padding references' columns are dropped here: they never reach the assignment
     scores = align.alignment_scores(images, bank, options, params=params, mesh=mesh,
-                                    particle_chunk=steps.sizes.particle_chunk)
+                                    particle_chunk=steps.sizes.particle_chunk, n_references=k)
     del bank
     # 3. equal-size assignment, then each particle's parameters for its class: the same search against that one
     # reference (1/k of the MRA's work), i.e. the table's entry for the pair up to rounding.
@@ -260,16 +283,17 @@ def mra_step(images, state: SacState, cutoff: float, steps: Steps, mesh=None) ->
     params, _ = align.align_to_assigned(images, align.prepare_assigned_references(masked_refs, options), labels,
                                         options, params=params, mesh=mesh, particle_chunk=steps.sizes.particle_chunk)
     # 4. filtered, centred averages
-    averages = average.class_averages(images, params, labels, k, mesh=mesh)
+    averages = average.class_averages(images, params, labels, k_pad, mesh=mesh)  # padding classes: zero images
     averages = filters.tanh_lowpass(averages, cutoff, p.ff)
-    averages, params = _recentre(averages, params, labels, k)
-    # 5. the averages in a common frame
+    averages, params = _recentre(averages, params, labels, k_pad)
+    # 5. the averages in a common frame (of the k real ones: the padding would join their class)
     key, k_common = jax.random.split(key)
     _, avg_params = within_group.within_group_alignment(
-        np.asarray(averages), np.zeros(k, np.int32), 1, k_common, options, steps.wg
+        np.asarray(averages)[:k], np.zeros(k, np.int32), 1, k_common, options, steps.wg
     )
-    references = apply_transform(jnp.asarray(averages), avg_params)
     params = compose(params, jax.tree.map(lambda a: a[labels], avg_params))
+    avg_params = Transform2D(*(_pad_classes(f, k_pad) for f in avg_params))  # padding: identity (all zero)
+    references = apply_transform(jnp.asarray(averages), avg_params)
     return SacState(references, params, labels, key)
 
 
@@ -280,7 +304,7 @@ def _within_group_runs(images, state: SacState, n_runs: int, steps: Steps, mesh)
     for _ in range(n_runs):
         key, k_run = jax.random.split(key)
         avgs, wparams = within_group.within_group_alignment(
-            images, state.labels, steps.n_classes, k_run, steps.options, steps.wg, state.params, mesh,
+            images, state.labels, steps.k_pad, k_run, steps.options, steps.wg, state.params, mesh,
             max_particles=steps.sizes.within_group_particles,
         )
         runs.append(wparams)
@@ -299,10 +323,10 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
     """A within-group round with the stability test (§8.1 step 7, §9): ``stab_ali`` independent alignments of
     every class, the criterion's verdict per member, and the classes' averages of their stable members (the new
     references). Stable members take their averaged parameters, the others the last run's."""
-    n, k = images.shape[0], steps.n_classes
+    n, k, k_pad = images.shape[0], steps.n_classes, steps.k_pad
     state, _, run_params = _within_group_runs(images, state, steps.p.stab_ali, steps, mesh)
     labels, key = state.labels, state.key
-    index, member = _class_mask(labels, k)
+    index, member = _class_mask(labels, k_pad)  # padding classes: no member
     safe = np.maximum(index, 0)
     runs = jax.tree.map(lambda *a: jnp.stack(a)[:, safe].transpose(1, 0, 2), *run_params)  # (k, L, n_max)
     res = criterion.score(runs, jnp.asarray(member), images=images, labels=index)
@@ -325,7 +349,7 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
             avg_labels[extra] = c
         found.append((idx, c_params, np.asarray(res.error[c])[stable[c]], int(member[c].sum())))
     references = filters.tanh_lowpass(
-        average.class_averages(images, avg_params, avg_labels, k, mesh=mesh), steps.p.fh, steps.p.ff
+        average.class_averages(images, avg_params, avg_labels, k_pad, mesh=mesh), steps.p.fh, steps.p.ff
     )
     classes = tuple(ClassResult(np.asarray(references[c]), idx, c_params, errors, size)
                     for c, (idx, c_params, errors, size) in enumerate(found))

@@ -52,20 +52,22 @@ def random_start(key: Array, params: Transform2D | None, n: int) -> Transform2D:
 
 
 _SUM_CHUNK = 128  # particles per step of the in-jit class sums (bounds the transformed-image temporaries)
+_MIN_ROWS = 32  # fewest rows per device of a call (see _padded_size)
 
 
 def _class_sums(images, params, seg, n_classes, exponent, reduce):
     """Exact (fixed-point, ``average`` module) sums of transformed images per class inside jit, in chunks,
     added over the devices by ``reduce``: ``(n_classes, ny, nx)`` float32, the same on any number of devices."""
     n = images.shape[0]
-    chunks = n // _SUM_CHUNK
+    size = min(n, _SUM_CHUNK)  # fewer particles than a chunk (a few averages): one chunk of them
+    chunks = n // size
 
     def add(total, xs):
         imgs, p, s = xs
         hi, lo = average.exact_segment_sum(apply_transform(imgs, p), s, n_classes + 1, exponent)
         return (total[0] + hi[:n_classes], total[1] + lo[:n_classes]), None
 
-    reshape = lambda a: a.reshape(chunks, _SUM_CHUNK, *a.shape[1:])  # noqa: E731
+    reshape = lambda a: a.reshape(chunks, size, *a.shape[1:])  # noqa: E731
     zero = jnp.zeros((n_classes,) + images.shape[1:], jnp.int32)
     (hi, lo), _ = jax.lax.scan(add, (zero, zero), (reshape(images), jax.tree.map(reshape, params), reshape(seg)))
     hi, lo = reduce((hi, lo))
@@ -91,7 +93,7 @@ def _window_spectra(images: Array, centres: Array, window: np.ndarray, options: 
     return spec[..., : _n_used_freqs(options)]
 
 
-def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, options, coarse, wg):
+def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, options, coarse, wg, n_valid):
     """One alignment pass of every particle to its class average, reusing ring spectra across passes.
 
     Within a run a particle's centre only moves by whole grid steps (``ts = 1``), so the 3x3 candidate centres
@@ -101,6 +103,9 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
     anchor, e.g. after clamping) are first resampled around their current centre; only those are written.
     The spectra used are those the uncached search computes (same sample points up to the float rounding of
     the anchor arithmetic), so the results agree with ``cache_window = 0``.
+
+    ``n_valid``: the rows before it are particles, the rest padding (``within_group_alignment`` pads to a few
+    sizes): padding is never resampled nor aligned (its parameters stay zero; they are dropped).
 
     Returns ``(params, cache, anchor)``.
     """
@@ -116,6 +121,7 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
     # 1. Refresh the windows of the particles whose grid leaves them, b at a time (a dynamic number of steps).
     rel = centres - anchor
     ok = jnp.all(jnp.abs(rel - jnp.round(rel)) < 1e-3, -1) & jnp.all(jnp.abs(jnp.round(rel)) <= w - reach, -1)
+    ok = ok | (jnp.arange(n) >= n_valid)
     stale = jnp.nonzero(~ok, size=n, fill_value=0)[0]  # padding repeats particle 0: rewriting it is harmless
     n_steps = (jnp.sum(~ok) + b - 1) // b
 
@@ -145,7 +151,8 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
         return jax.tree.map(lambda o, f: jax.lax.dynamic_update_slice_in_dim(o, f, i * b, 0), out, found)
 
     zeros = jnp.zeros((n,), jnp.float32)
-    out = jax.lax.fori_loop(0, n // b, batch, Transform2D(zeros, zeros, zeros, jnp.zeros((n,), bool)))
+    n_batches = (n_valid + b - 1) // b  # the padding rows after the last particle's batch are skipped
+    out = jax.lax.fori_loop(0, n_batches, batch, Transform2D(zeros, zeros, zeros, jnp.zeros((n,), bool)))
     return out, cache, anchor
 
 
@@ -182,6 +189,8 @@ def _within_group_local(images, labels, valid, params, n_classes, options, wg, a
         return filters.tanh_lowpass(avg, cutoff, wg.ff) if lowpass else avg
 
     use_cache = wg.cache_window > 0 and _integer_grid(options)
+    # this device's particles come first in its rows (the padding is at the end of the whole stack)
+    n_valid = jnp.sum(valid.astype(jnp.int32))
     n_used = _n_used_freqs(options)
     clamp = lambda c: jnp.clip(c, -wg.max_centre, wg.max_centre)  # noqa: E731
 
@@ -206,7 +215,8 @@ def _within_group_local(images, labels, valid, params, n_classes, options, wg, a
         params, cache, anchor = carry
         centres, spectra, use_coarse = pass_inputs(params, it)
         return _cached_pass(
-            images, centres, safe_labels, spectra[..., :n_used], cache, anchor, use_coarse, options, coarse, wg
+            images, centres, safe_labels, spectra[..., :n_used], cache, anchor, use_coarse, options, coarse, wg,
+            n_valid,
         )
 
     if use_cache:
@@ -242,9 +252,10 @@ def within_group_alignment(
     """Aligns the members of every class to their class average, from a random start.
 
     The whole schedule is one jitted loop over the particles held on the devices (ISAC's working set: 23 kB per
-    76 px particle), padded to a multiple of 128 particles per device so that few shapes are compiled. Classes
-    are independent, so a stack larger than ``max_particles`` is done in groups of whole classes, one call each
-    (every group padded to the same size: one compilation); the result is the same as in one call. Each
+    76 px particle), padded to a multiple of 128 particles per device (``align.size_bucket`` of them) so that few
+    shapes are compiled. Classes are independent, so a stack larger than ``max_particles`` is done in groups of
+    whole classes, one call each (every group padded to the same size: one compilation); the result is the same as
+    in one call. Each
     particle's ring spectra are cached over a window of centres (``wg.cache_window``; ``cache_bytes``, capped by
     ``wg.cache_budget_mb`` per call): same results, fewer resamplings (docs/benchmarks.md).
 
@@ -273,11 +284,10 @@ def within_group_alignment(
                          f"({average.MAX_TERMS}); raise isac.img_per_grp's class count (more classes)")
     options = options._replace(normalize_particles=False)
     n_dev = 1 if mesh is None else mesh.size
-    step = int(np.lcm(_SUM_CHUNK, options.particle_batch)) * n_dev
     # The random start is drawn for the whole unpadded stack so results depend neither on padding nor on groups.
     start = jax.tree.map(np.asarray, random_start(key, params, n))
     groups = _class_groups(labels, sizes, max_particles or max(n, 1))
-    padded = max(-(-max(len(g), 1) // step) * step for g in groups)
+    padded = _padded_size(max(len(g) for g in groups), n_dev, options.particle_batch)
     wg = wg._replace(cache_window=_cache_window(padded, options, wg))
     # check_vma off: the class-sum scan starts from a zero that is the same on every device
     fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4, (False, True), collectives=True,
@@ -297,6 +307,22 @@ def within_group_alignment(
         for f_all, f in zip(out, found):
             f_all[rows] = sharding.fetch(f)[:m]
     return averages, Transform2D(*map(jnp.asarray, out))
+
+
+def _padded_size(m: int, n_dev: int, batch: int) -> int:
+    """Rows per call (all devices) for ``m`` particles: whole steps of ``lcm(_SUM_CHUNK, batch)`` per device,
+    ``align.size_bucket`` of them (a few shapes per run whatever the working-set sizes of its generations); below
+    one such step per device (the common frame of a few class averages) a power of two of whole batches per
+    device, so that 4 averages are not aligned as 128 rows of which 124 are padding."""
+    step = int(np.lcm(_SUM_CHUNK, batch))
+    per_device = -(-max(m, 1) // n_dev)
+    if per_device < step:
+        # at least _MIN_ROWS: XLA:CPU computes arrays narrower than a vector register on another code path whose
+        # sin/cos round differently (measured: 4 rows moved angles by 3e-5 deg against 128)
+        local = -(-max(_MIN_ROWS, 1 << (per_device - 1).bit_length()) // batch) * batch
+        if local < _SUM_CHUNK or local % _SUM_CHUNK == 0:
+            return local * n_dev
+    return align.size_bucket(-(-per_device // step)) * step * n_dev
 
 
 def _class_groups(labels: np.ndarray, sizes: np.ndarray, max_particles: int) -> list[np.ndarray]:
