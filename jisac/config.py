@@ -98,6 +98,7 @@ class HardwareConfig:
     coordinator_address: Optional[str] = None  # host:port of process 0 (else detected from SLURM / Open MPI)
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+    compilation_cache: bool = True  # keep compiled XLA programs in ~/.cache/jisac/xla: a second run compiles nothing
 
 
 @dataclass

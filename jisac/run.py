@@ -144,6 +144,9 @@ def _run(cfg: config.JisacConfig, rp: config.RunParams, stack, path, pixel_size:
         after_generation=lambda state: _refresh_report(out),
     )
     report.record("isac")
+    compiled = devices.compilation_stats()
+    log.info("XLA: %d programs compiled, %d loaded from the compilation cache (%.1f s compiling)",
+             compiled["compilations"], compiled["cache_hits"], compiled["compile_seconds"])
     timings["total"] = round(time.perf_counter() - t0, 2)
     result = result._replace(seconds={**result.seconds, **timings}).on_stack(keep, n)
     report.record("outputs")
@@ -152,6 +155,7 @@ def _run(cfg: config.JisacConfig, rp: config.RunParams, stack, path, pixel_size:
         "cache": cache_record,
         "memory": {"devices": mesh.size, "processes": jax.process_count(), "stages": report.stages},
         "peak_rss_mb": report.stages["outputs"]["peak_rss_mb"],
+        "compilation": compiled,
     }
     if not sharding.is_main_process():
         return {**outputs.summary_of(result), **extra}

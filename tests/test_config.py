@@ -66,7 +66,7 @@ REACHES = {
 # Keys read elsewhere, before or beside the conversion (where the run goes, which devices and processes, the demo).
 NOT_RUN_PARAMETERS = {
     "output_dir", "isac.center_method", "data.stack", "data.pixel_size", "data.project_dir", "hardware.devices",
-    "hardware.distributed",
+    "hardware.distributed", "hardware.compilation_cache",
     "hardware.coordinator_address", "hardware.num_processes", "hardware.process_id", "stability.name",
     "beautify.run_dir", "beautify.stack", "beautify.out_dir",
 } | {f"demo.{f.name}" for f in dataclasses.fields(config.DemoConfig)}
