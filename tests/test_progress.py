@@ -142,3 +142,24 @@ def test_the_generation_loop_shows_one_bar_per_generation(caplog):
         assert sum("MRA 3/5" in r.getMessage() for r in caplog.records) == 2  # the loop's own lines are kept
     finally:
         progress.set_mode(None)
+
+
+def test_pre_alignment_shows_one_bar_per_stage(caplog):
+    """run.PrealignProgress: a task per search stage (total = its most passes), closed when the next stage starts
+    or the stage settles early; the pass lines themselves are still logged."""
+    from jisac import run
+
+    progress.set_mode("log")
+    try:
+        bars = run.PrealignProgress()
+        with caplog.at_level("INFO", logger="jisac"):
+            for stage, passes in (("+-8 px step 2", 3), ("+-4 px step 1", 2)):
+                for k in range(1, passes + 1):
+                    bars(f"pre-alignment stage {stage}: pass {k}/14, 5 centres moved by more than 0.05 px")
+            bars.close()
+        done = [r.getMessage() for r in caplog.records if ": done," in r.getMessage()]
+        assert done == [d for d in done if "pre-alignment" in d] and len(done) == 2
+        assert done[0].startswith("pre-alignment +-8 px step 2: done, 3/14 pass")
+        assert done[1].startswith("pre-alignment +-4 px step 1: done, 2/14 pass")
+    finally:
+        progress.set_mode(None)
