@@ -514,7 +514,14 @@ def paired_best(spec: Array, refs: Array, centres: Array, options: AlignOptions)
     Returns:
         ``(params, score)`` with fields of shape ``(b,)``.
     """
-    prod = jnp.einsum("bsrf,bmrf->bsmf", spec, refs, precision=jax.lax.Precision.HIGHEST)
+    # Only the (ring, frequency) pairs the band limit keeps: blocks of frequencies, each over the rings that reach
+    # it (39 % fewer products than the full plane for ISAC's 29 rings; the skipped terms are zeros).
+    n_freqs = spec.shape[-1]
+    prod = jnp.concatenate([
+        jnp.einsum("bsrf,bmrf->bsmf", spec[:, :, r0:, k0:k1], refs[:, :, r0:, k0:k1],
+                   precision=jax.lax.Precision.HIGHEST)
+        for k0, k1, r0 in frequency_blocks(options.geometry, options.freq_block) if k0 < n_freqs
+    ], -1)
     corr = jnp.fft.irfft(prod, n=options.geometry.n_angles, axis=-1)  # (b, s, nm, A)
     offsets = jnp.asarray(options.grid.offsets(), jnp.float32)
     params, score = _best_per_reference(corr, offsets, centres, jnp.ones((1,), bool), options)
