@@ -55,6 +55,9 @@ class IsacConfig:
     skip_prealignment: bool = False
     restart: bool = True  # continue from the last finished generation found in output_dir
     main_iter_limit: int = _ISAC.main_iter_limit  # stop after this many generations (-1: until the pool is exhausted)
+    matching: bool = _ISAC.matching  # ISAC 2012's matching phase: unaccounted particles join accepted classes
+    # when both halves of the class agree (jisac.matching); off: ISAC2
+    match_quantile: float = _ISAC.match_quantile  # ... and they match it at least as well as this share of its members
 
 
 @dataclass
@@ -282,7 +285,8 @@ def _isac_params(cfg: JisacConfig, n_particles: int | None) -> isac.IsacParams:
     p = isac.IsacParams(
         img_per_grp=c.img_per_grp, minimum_grp_size=minimum, target_nx=c.target_nx, maxit=c.maxit, dst=c.dst,
         fl=c.fl, fh=c.fh, ff=c.ff, init_iter=c.init_iter, iter_reali=c.iter_reali, stab_ali=c.stab_ali,
-        thld_err=c.thld_err, main_iter_limit=c.main_iter_limit,
+        thld_err=c.thld_err, main_iter_limit=c.main_iter_limit, matching=c.matching,
+        match_quantile=c.match_quantile,
         align=AlignOptions(geometry=geometry, grid=grid),
     )
     p.validate(n_particles)

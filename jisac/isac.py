@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jisac import align, average, criteria, filters, rows, within_group
+from jisac import align, average, criteria, filters, matching, rows, within_group
 from jisac.budget import Budget, Plan, backend_preset, class_bucket, default_budget, plan
 from jisac.assignment import assign_equal_size
 from jisac.polar import RingGeometry
@@ -59,6 +59,11 @@ class IsacParams(NamedTuple):
     thld_err: float = 0.7
     filter_step: float = 0.05  # cutoff increment between MRA iterations (SPHIRE constant)
     main_iter_limit: int = -1  # stop after this many generations (-1: until the pool is exhausted)
+    # ISAC 2012's matching phase (``jisac.matching``; off = ISAC2): after a generation that accepted classes, the
+    # pool's particles join an accepted class when both halves of the class agree and they match it at least as
+    # well as the ``match_quantile`` share of its stable members do
+    matching: bool = False
+    match_quantile: float = 0.1
     align: align.AlignOptions = align.AlignOptions()  # rings 1..target_radius x 256, xr/yr/ts grid, mirror
 
     @property
@@ -108,6 +113,8 @@ class IsacParams(NamedTuple):
             )
         if self.stab_ali < 2:
             raise ValueError(f"isac.stab_ali must be >= 2 for a stability test (got {self.stab_ali})")
+        if not 0.0 <= self.match_quantile <= 1.0:
+            raise ValueError(f"isac.match_quantile must be in [0, 1] (got {self.match_quantile})")
         if self.thld_err <= 0:
             raise ValueError(f"isac.thld_err must be > 0 (got {self.thld_err})")
         if self.init_iter < 1 or self.iter_reali < 1 or self.maxit < 2:
@@ -513,6 +520,33 @@ def accept_generation(state: IsacState, result: GenerationResult, work_idx: np.n
     )
 
 
+def _matching_options(p: IsacParams, n_references: int, mesh, budget: Budget | None) -> align.AlignOptions:
+    """ISAC's MRA options with the chunk sizes ``plan`` gives for ``n_references`` references."""
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    n_dev = 1 if mesh is None else mesh.size
+    sizes = plan(budget or default_budget(platform), p.align, n_references, p.target_nx, n_dev)
+    return p.align._replace(particle_batch=sizes.particle_batch, reference_chunk=sizes.reference_chunk)
+
+
+def accept_matches(state: IsacState, found: matching.Matches, p: IsacParams, n_new_classes: int) -> IsacState:
+    """The run state after a matching phase: the matched particles join their classes (with their parameters and
+    no pixel error) and leave the pool; the generation's history row counts them. Pure."""
+    if len(found.particles) == 0:
+        row = dict(state.history[-1], matched=0)
+        return state._replace(history=state.history[:-1] + (row,))
+    params, class_of = state.params.copy(), state.class_of.copy()
+    params[found.particles] = found.params
+    class_of[found.particles] = found.classes
+    members = tuple(np.sort(np.concatenate([m, found.particles[found.classes == c]]))
+                    for c, m in enumerate(state.members))
+    pool = np.setdiff1d(state.pool, found.particles)
+    row = dict(state.history[-1], matched=int(len(found.particles)), accounted_total=int((class_of >= 0).sum()))
+    return state._replace(
+        pool=pool, params=params, class_of=class_of, members=members, history=state.history[:-1] + (row,),
+        done=not keep_going(p, state.generation, len(pool), n_new_classes, state.empty_generations),
+    )
+
+
 def run_isac(
     images,
     p: IsacParams,
@@ -546,6 +580,15 @@ def run_isac(
         say(f"generation {g}: accepted {len(result.accepted)}/{len(result.classes)} classes, "
             f"{state.history[-1]['accounted']} particles; accounted so far {state.accounted}/{n} "
             f"({result.seconds:.0f} s)")
+        if p.matching and result.accepted and len(state.pool):
+            found = matching.match_particles(images, state.pool, state.members, state.params,
+                                             np.stack(state.averages), _matching_options(p, 2 * len(state.members),
+                                                                                         mesh, budget),
+                                             p.fh, p.ff, p.match_quantile, mesh)
+            state = accept_matches(state, found, p, len(result.accepted))
+            tried = len(found.particles) + len(state.pool)
+            say(f"generation {g}: matching phase added {len(found.particles)} of {tried} unaccounted particles to "
+                f"the accepted classes; accounted so far {state.accounted}/{n}")
         if on_generation is not None:
             on_generation(state, result, work_idx)
     return state

@@ -35,6 +35,8 @@ REACHES = {
     "isac.skip_prealignment": (True, lambda r: r.skip_prealignment),
     "isac.restart": (False, lambda r: r.restart),
     "isac.main_iter_limit": (2, lambda r: r.isac.main_iter_limit),
+    "isac.matching": (True, lambda r: r.isac.matching),
+    "isac.match_quantile": (0.3, lambda r: r.isac.match_quantile),
     "align.first_ring": (2, lambda r: r.isac.align.geometry.first_ring),
     "align.ring_step": (2, lambda r: r.isac.align.geometry.ring_step),
     "align.n_angles": (128, lambda r: r.isac.align.geometry.n_angles),

@@ -194,7 +194,9 @@ def class_statistics(result: ClassificationResult, img_per_grp: int, resolution_
     ``pixel_size`` Å/px) and the ranking score (``jisac.ranking``)."""
     members = np.asarray([len(m) for m in result.members()], np.int64)
     errors = result.mean_pixel_errors()
-    stable = members / np.maximum(np.asarray(result.candidates, np.float64), 1.0)
+    # members without a pixel error joined in the matching phase (``jisac.matching``): not stable ones
+    n_stable = np.asarray([int(np.isfinite(result.errors[m]).sum()) for m in result.members()], np.int64)
+    stable = n_stable / np.maximum(np.asarray(result.candidates, np.float64), 1.0)
     score = ranking.class_scores(stable, np.nan_to_num(errors), members, resolution_angst, pixel_size,
                                  img_per_grp=img_per_grp)
     table = {"jisacMembers": members, "jisacStableFraction": np.round(stable, 4),
