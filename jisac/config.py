@@ -8,6 +8,8 @@ twice.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -256,18 +258,26 @@ def _require_positive(section: str, values: dict) -> None:
             raise ValueError(f"{section}.{name} must be >= 1 (got {value})")
 
 
+def _config_errors(convert):
+    """``convert`` with the parameter objects' own ``ValueError`` (which names the option) turned into
+    ``ConfigError``: a bad option is an input error, shown as one line."""
+
+    @functools.wraps(convert)
+    def checked(*args, **kwargs):
+        try:
+            return convert(*args, **kwargs)
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    return checked
+
+
+@_config_errors
 def isac_params(cfg: JisacConfig, n_particles: int | None = None) -> isac.IsacParams:
     """The validated ``IsacParams`` of ``cfg`` (``isac.*`` and ``align``'s rings); ``ConfigError`` names the
     option. Part of ``run_params``; on its own for callers that have no stack yet."""
-    try:
-        return _isac_params(cfg, n_particles)
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def _isac_params(cfg: JisacConfig, n_particles: int | None) -> isac.IsacParams:
     c, a = cfg.isac, cfg.align
     if c.center_method != -1:
         raise ValueError(f"isac.center_method={c.center_method}: only -1 (average shift) is implemented")
@@ -306,20 +316,12 @@ def budget(cfg: JisacConfig, platform: str | None = None) -> Budget:
     return Budget(mb << 20, hw.host_memory_budget_mb << 20, **sizes)
 
 
+@_config_errors
 def run_params(cfg: JisacConfig, n_particles: int | None = None, box_size: int | None = None,
                platform: str | None = None) -> RunParams:
     """The one conversion: a composed configuration (and the input stack's particle count and box, when known)
     -> the frozen ``RunParams`` of the run. Every option is checked here, before any heavy work; a bad one raises
     ``ConfigError`` (an ``InputError``) naming it (``isac.radius`` is required once a box is given)."""
-    try:
-        return _run_params(cfg, n_particles, box_size, platform)
-    except ConfigError:
-        raise
-    except ValueError as err:  # the parameter objects' own checks name the option; they are input errors
-        raise ConfigError(str(err)) from None
-
-
-def _run_params(cfg: JisacConfig, n_particles, box_size, platform) -> RunParams:
     p = isac_params(cfg, n_particles)
     radius = cfg.isac.radius
     if box_size is not None:
