@@ -160,8 +160,12 @@ def _reference_spectra(references: Array, options: AlignOptions) -> Array:
     """``(k, ny, nx)`` references -> ``(k, n_mirror, n_rings, n_freqs)`` weighted, conjugated spectra."""
     geom = options.geometry
     centres = jnp.zeros((references.shape[0], 1, 2), jnp.float32)
-    rings = polar.polar_transform(references, centres, geom, normalize=options.normalize_references)[:, 0]
-    spec = polar.ring_spectra(rings, geom) * jnp.asarray(geom.weights(), jnp.float32)[:, None]
+    if geom.ring_lengths == "constant":  # ring-normalised in the sample domain, as always (bit for bit)
+        rings = polar.polar_transform(references, centres, geom, normalize=options.normalize_references)[:, 0]
+        spec = polar.ring_spectra(rings, geom)
+    else:
+        spec = polar.polar_spectra(references, centres, geom, normalize=options.normalize_references)[:, 0]
+    spec = spec * jnp.asarray(geom.weights(), jnp.float32)[:, None]
     parts = [jnp.conj(spec)]
     if options.mirror:
         sign = jnp.asarray((-1.0) ** np.arange(geom.n_freqs), jnp.float32)
@@ -294,8 +298,7 @@ def _particle_spectra(images: Array, centres: Array, options: AlignOptions) -> A
     """``(b, ny, nx)`` images, ``(b, 2)`` current centres -> ``(F, b, s, R)`` spectra at every grid centre."""
     offsets = jnp.asarray(options.grid.offsets(), jnp.float32)
     cand = centres[:, None, :] + offsets[None]
-    rings = polar.polar_transform(images, cand, options.geometry)
-    spec = polar.ring_spectra(rings, options.geometry, normalize=options.normalize_particles)
+    spec = polar.polar_spectra(images, cand, options.geometry, normalize=options.normalize_particles)
     return spec.transpose(3, 0, 1, 2)
 
 

@@ -99,7 +99,7 @@ class IsacParams(NamedTuple):
         flat = {name: value for name, value in self._asdict().items() if name != "align"}
         g, grid = self.align.geometry, self.align.grid
         flat.update(target_radius=g.last_ring, first_ring=g.first_ring, ring_step=g.ring_step, n_angles=g.n_angles,
-                    bandlimit=g.bandlimit, xr=grid.xr, yr=grid.yr, ts=grid.ts)
+                    bandlimit=g.bandlimit, ring_lengths=g.ring_lengths, xr=grid.xr, yr=grid.yr, ts=grid.ts)
         return flat
 
     def validate(self, n_particles: int | None = None) -> None:
@@ -137,11 +137,12 @@ class IsacParams(NamedTuple):
 
 def make_params(target_radius: int = 29, xr: float = 1.0, yr: float | None = None, ts: float = 1.0,
                 first_ring: int = 1, ring_step: int = 1, n_angles: int = 256, bandlimit: bool = True,
+                ring_lengths: str = "constant",
                 **settings) -> IsacParams:
     """``IsacParams`` from SPHIRE's flat option names (``yr=None``: same as ``xr``); ``settings`` are the other
     ``IsacParams`` fields (``img_per_grp=100``, ...)."""
     options = align.AlignOptions(
-        geometry=RingGeometry(first_ring, target_radius, ring_step, n_angles, bandlimit),
+        geometry=RingGeometry(first_ring, target_radius, ring_step, n_angles, bandlimit, ring_lengths),
         grid=align.SearchGrid(xr, xr if yr is None else yr, ts),
     )
     return IsacParams(align=options, **settings)

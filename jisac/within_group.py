@@ -88,8 +88,7 @@ def _n_used_freqs(options: align.AlignOptions) -> int:
 def _window_spectra(images: Array, centres: Array, window: np.ndarray, options: align.AlignOptions) -> Array:
     """``(b, ny, nx)`` images, ``(b, 2)`` anchors -> ``(b, P, R, F_used)`` ring spectra at ``anchor + window``."""
     pos = centres[:, None, :] + jnp.asarray(window, jnp.float32)[None]
-    rings = polar.polar_transform(images, pos, options.geometry)
-    spec = polar.ring_spectra(rings, options.geometry, normalize=options.normalize_particles)
+    spec = polar.polar_spectra(images, pos, options.geometry, normalize=options.normalize_particles)
     return spec[..., : _n_used_freqs(options)]
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jisac import polar
+from jisac import align, polar
 from jisac import transforms as T
 from tests import reference_numpy as ref
 
@@ -75,3 +75,50 @@ def test_geometry_validation_names_the_parameter():
     with pytest.raises(ValueError, match="n_angles"):
         polar.RingGeometry(n_angles=255).validate()
     polar.RingGeometry().validate(box_size=76)
+
+
+SPHIRE_RINGS = GEOM._replace(ring_lengths="sphire")
+
+
+def test_sphire_ring_lengths_are_numrinits():
+    # shared/isac_algorithm.md 5.1: r=1:8, r=2:16, r=3-5:32, r=6-10:64, r=11-20:128, r=21-29:256; 4024 samples
+    want = [8, 16] + [32] * 3 + [64] * 5 + [128] * 10 + [256] * 9
+    assert SPHIRE_RINGS.ring_sizes().tolist() == want and sum(want) == 4024
+    assert GEOM.ring_sizes().tolist() == [256] * 29
+    with pytest.raises(ValueError, match="ring_lengths"):
+        GEOM._replace(ring_lengths="short").validate()
+
+
+def test_sphire_ring_spectra_match_a_float64_reference(structured_image):
+    """Each ring of m samples: its rfft, times 256 / m, Nyquist coefficient / sqrt(2), zero above m / 2."""
+    centres = np.asarray([[0.0, 0.0], [1.25, -0.5]])
+    got = np.asarray(polar.polar_spectra(jnp.asarray(structured_image)[None], jnp.asarray(centres)[None],
+                                         SPHIRE_RINGS._replace(bandlimit=False)))[0]
+    image = structured_image.astype(np.float64)
+    for c, spectra in zip(centres, got):
+        for i, (r, m) in enumerate(zip(SPHIRE_RINGS.radii, SPHIRE_RINGS.ring_sizes())):
+            t = 2 * np.pi * np.arange(m) / m
+            ring = ref.bilinear(image, r * np.cos(t) + c[0] + 38, r * np.sin(t) + c[1] + 38)
+            want = np.zeros(GEOM.n_freqs, complex)
+            want[: m // 2 + 1] = np.fft.rfft(ring) * 256 / m
+            if m < 256:
+                want[m // 2] /= np.sqrt(2)
+            np.testing.assert_allclose(spectra[i], want, atol=2e-4 * np.abs(want).max())
+
+
+def test_sphire_rings_score_as_constant_rings(structured_image):
+    """On a smooth image the two ring layouts give the same spectra up to interpolation (< 1 %), the same
+    normalisation, and the same alignment of a rotated, shifted, mirrored copy."""
+    img = jnp.asarray(structured_image)[None]
+    c = jnp.asarray([[[0.0, 0.0], [1.3, -0.4]]])
+    a = np.asarray(polar.polar_spectra(img, c, GEOM, normalize=True))
+    b = np.asarray(polar.polar_spectra(img, c, SPHIRE_RINGS, normalize=True))
+    assert np.abs(a - b).max() < 0.01 * np.abs(a).max()
+    move = T.make_transform(jnp.asarray([37.0]), jnp.asarray([0.6]), jnp.asarray([-0.3]), jnp.asarray([True]))
+    particle = T.apply_transform(img, move)
+    found = [align.align_to_references(particle, align.prepare_references(img, opts), opts).params
+             for opts in (align.AlignOptions(geometry=GEOM), align.AlignOptions(geometry=SPHIRE_RINGS))]
+    for p in found:
+        assert np.asarray(p.mirror)[0]
+        assert abs(float(np.asarray(p.angle)[0]) - float(np.asarray(T.inverse(move).angle)[0])) < 1.0
+    assert abs(float(found[0].angle[0]) - float(found[1].angle[0])) < 0.05
