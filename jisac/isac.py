@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jisac import align, average, criteria, filters, matching, rows, within_group
+from jisac.events import Step, note
 from jisac.budget import Budget, Plan, backend_preset, class_bucket, default_budget, plan
 from jisac.assignment import assign_equal_size
 from jisac.polar import RingGeometry
@@ -380,15 +381,18 @@ def run_generation(
     key: jax.Array,
     p: IsacParams,
     mesh: jax.sharding.Mesh | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[Step], None] | None = None,
     criterion: criteria.Criterion | None = None,
     budget: Budget | None = None,
+    name: str = "generation",
 ) -> GenerationResult:
     """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default; NumPy,
     a stack on disk (``jisac.diskarray.DiskArray``) or a lazy ``rows.Rows`` view): SAC rounds of ``mra_step``
     (``n_filter_steps`` times) then ``stability_round`` (or ``realign_round``), until the stable sets converge
     (SPHIRE's rule: agreement above 0.5 and rising by less than 0.05) or ``init_iter`` rounds ran.
 
+    ``progress`` gets a ``events.Step`` per MRA step and per within-group round, of the stage ``"<name> (SAC
+    steps)"`` (``init_iter * (n_filter_steps + 1)`` steps at most; a generation that converges ends sooner).
     ``criterion``: a stability criterion (``criteria.make_criterion``); default ISAC2's pixel error with
     ``p.thld_err`` and the particle radius ``p.target_radius``. ``budget``: memory budgets that set the chunk
     sizes (``budget.plan``; default: the backend's presets); results do not depend on it, nor on the mesh's
@@ -405,20 +409,26 @@ def run_generation(
     classes: tuple[ClassResult, ...] = ()
     converged = False
     sac_round = 0
+    stage, total, done = f"{name} (SAC steps)", p.init_iter * (p.n_filter_steps + 1), 0
     while sac_round < p.init_iter and not converged:
         for step in range(p.n_filter_steps):
             cutoff = p.fl + step * p.filter_step
             state = mra_step(images, state, cutoff, steps, mesh)
-            say(f"SAC round {sac_round + 1}, MRA {step + 1}/{p.n_filter_steps} (cutoff {cutoff:.2f}): "
-                f"{n} particles in {steps.n_classes} classes")
+            done += 1
+            say(Step(stage, done, total, f"SAC round {sac_round + 1}, MRA {step + 1}/{p.n_filter_steps} "
+                                         f"(cutoff {cutoff:.2f}): {n} particles in {steps.n_classes} classes"))
         tested = sac_round % p.iter_reali == 0
         sac_round += 1
+        done += 1
         if not tested:
             state = realign_round(images, state, steps, mesh)
+            say(Step(stage, done, total, f"SAC round {sac_round}: within-group alignment of {steps.n_classes} "
+                                         "classes (no stability test)"))
             continue
         state, classes = stability_round(images, state, steps, criterion, mesh)
         n_stable = sum(len(c.members) for c in classes)
-        say(f"SAC round {sac_round}: {n_stable}/{n} particles stable in {steps.n_classes} classes")
+        say(Step(stage, done, total, f"SAC round {sac_round}: {n_stable}/{n} particles stable in "
+                                     f"{steps.n_classes} classes"))
         if previous is not None:
             now = agreement(previous, classes)
             converged = now > 0.5 and 0.0 < now - prev_agreement < 0.05
@@ -555,7 +565,7 @@ def run_isac(
     state: IsacState | None = None,
     mesh: jax.sharding.Mesh | None = None,
     on_generation: Callable[[IsacState, GenerationResult, np.ndarray], None] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[Step], None] | None = None,
     criterion: criteria.Criterion | None = None,
     budget: Budget | None = None,
 ) -> IsacState:
@@ -564,7 +574,8 @@ def run_isac(
     Generation ``g`` uses the key ``fold_in(key(seed), g)``, so a resumed run ends exactly as an uninterrupted
     one. ``on_generation(state, result, working_indices)`` is called after each finished generation (write
     outputs and a checkpoint there). ``images`` may be a stack on disk: each generation reads its working set
-    lazily (``rows.Rows``), chunk by chunk.
+    lazily (``rows.Rows``), chunk by chunk. ``progress`` gets ``events.Step``s: the generations' SAC steps
+    (``run_generation``) and, between them, notes (``str(step)`` is the log line).
     """
     n = images.shape[0]
     p.validate(n)
@@ -574,13 +585,14 @@ def run_isac(
     while not state.done:
         g = state.generation + 1
         work_idx = state.pool
-        say(f"generation {g}: {len(work_idx)} particles in {len(work_idx) // p.img_per_grp} classes")
+        say(note(f"generation {g}: {len(work_idx)} particles in {len(work_idx) // p.img_per_grp} classes"))
         working = rows.take_rows(images, work_idx)
-        result = run_generation(working, jax.random.fold_in(root, g), p, mesh, progress, criterion, budget)
+        result = run_generation(working, jax.random.fold_in(root, g), p, mesh, progress, criterion, budget,
+                                name=f"generation {g}")
         state = accept_generation(state, result, work_idx, p)
-        say(f"generation {g}: accepted {len(result.accepted)}/{len(result.classes)} classes, "
+        say(note(f"generation {g}: accepted {len(result.accepted)}/{len(result.classes)} classes, "
             f"{state.history[-1]['accounted']} particles; accounted so far {state.accounted}/{n} "
-            f"({result.seconds:.0f} s)")
+            f"({result.seconds:.0f} s)"))
         if p.matching and result.accepted and len(state.pool):
             found = matching.match_particles(images, state.pool, state.members, state.params,
                                              np.stack(state.averages), _matching_options(p, 2 * len(state.members),
@@ -588,8 +600,8 @@ def run_isac(
                                              p.fh, p.ff, p.match_quantile, mesh)
             state = accept_matches(state, found, p, len(result.accepted))
             tried = len(found.particles) + len(state.pool)
-            say(f"generation {g}: matching phase added {len(found.particles)} of {tried} unaccounted particles to "
-                f"the accepted classes; accounted so far {state.accounted}/{n}")
+            say(note(f"generation {g}: matching phase added {len(found.particles)} of {tried} unaccounted particles "
+                     f"to the accepted classes; accounted so far {state.accounted}/{n}"))
         if on_generation is not None:
             on_generation(state, result, work_idx)
     return state

@@ -47,32 +47,6 @@ def order_averages(averages: np.ndarray, p: isac.IsacParams) -> np.ndarray:
     return np.asarray(order)
 
 
-class GenerationProgress:
-    """The loop's progress lines, also as one progress bar per generation (``jisac.progress``): its units are the
-    SAC rounds' steps (``n_filter_steps`` MRA steps and one within-group round per SAC round, ``init_iter`` rounds at
-    most: a generation that converges early ends its bar early). Every line is still logged."""
-
-    def __init__(self, p: isac.IsacParams):
-        self.steps = p.init_iter * (p.n_filter_steps + 1)
-        self.bar = None
-
-    def __call__(self, message: str) -> None:
-        log.info("%s", message)
-        if message.startswith("generation ") and " classes, " not in message and self.bar is None:
-            name = message.split(":")[0]
-            self.bar = progress.task(f"{name} (SAC steps)", total=self.steps, unit="step")
-            self.task = self.bar.__enter__()
-        elif message.startswith("SAC round") and self.bar is not None:
-            self.task.advance(1)
-        elif message.startswith("generation ") and " accepted " in message:
-            self.close()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
 def run_fingerprint(p: isac.IsacParams, seed: int, data_id: str, criterion=None) -> str:
     """The identity of a run (``checkpoint.fingerprint`` of its parameters, seed, input and criterion)."""
     return checkpoint.fingerprint(p, seed, f"{data_id}|{criterion.name if criterion is not None else 'pixel_error'}")
@@ -143,13 +117,10 @@ def classify(
                 after_generation(st)
         sharding.barrier(f"generation {st.generation}")
 
-    bars = GenerationProgress(p) if sharding.is_main_process() else log.info
-    try:
+    # one bar per generation (its SAC steps) on the main process; the others only log
+    with progress.StepBars(mode=None if sharding.is_main_process() else "off") as bars:
         state = isac.run_isac(images, p, seed, state, mesh, on_generation, progress=bars, criterion=criterion,
                               budget=budget)
-    finally:
-        if isinstance(bars, GenerationProgress):
-            bars.close()
     result = finish(state, p, {"isac": round(time.perf_counter() - t0, 2)})
     accounted = int(result.accounted.sum())
     log.info("%d classes, %d/%d particles accounted (%.0f %%)", len(result.averages), accounted,

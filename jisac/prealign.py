@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jisac import align, average, filters
+from jisac.events import Step
 from jisac.polar import RingGeometry
 from jisac.transforms import compose, from_centre_and_angle, make_transform, particle_centre
 from jisac.within_group import random_start
@@ -104,8 +105,10 @@ def prealign(
             moved = int(np.sum(change > options.tol))
             before = after
             if progress is not None:
-                progress(f"pre-alignment stage +-{rng_} px step {step}: pass {it + 1}/{options.maxit}, "
-                         f"{moved} centres moved by more than {options.tol:g} px (largest {np.max(change):.3g})")
+                progress(Step(f"pre-alignment +-{rng_} px step {step}", it + 1, options.maxit,
+                              f"pre-alignment stage +-{rng_} px step {step}: pass {it + 1}/{options.maxit}, "
+                              f"{moved} centres moved by more than {options.tol:g} px (largest {np.max(change):.3g})",
+                              unit="pass"))
             if moved <= options.unsettled * n:
                 break
     cx, cy = particle_centre(params)

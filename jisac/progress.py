@@ -185,3 +185,41 @@ def task(description: str, total: int | None = None, *, unit: str = "it", mode: 
             yield t
     finally:
         t.close()
+
+
+class StepBars:
+    """Progress of ``events.Step``s (what ``isac.run_isac`` and ``prealign.prealign`` report): every step's message
+    goes to the ``jisac`` logger, and each counted stage gets its own task (bar or log lines, as ``task``) that
+    follows the step counts; a step of another stage, or a note (``total=None``), closes the open one (a stage may
+    end before its ``total``: a generation that converges, a pre-alignment stage whose centres settle).
+
+    Use it as a context manager (or call ``close``) so the last stage's task is closed."""
+
+    def __init__(self, mode: str | None = None, file: TextIO | None = None):
+        self.mode, self.file = mode, file
+        self.stage: str | None = None
+        self._context = None
+        self._task: Task | None = None
+
+    def __call__(self, step) -> None:
+        log.info("%s", step.message)
+        if step.stage != self.stage or step.total is None:
+            self.close()
+        if step.total is None:
+            return
+        if self._task is None:
+            self.stage = step.stage
+            self._context = task(step.stage, total=step.total, unit=step.unit, mode=self.mode, file=self.file)
+            self._task = self._context.__enter__()
+        self._task.advance(step.done - self._task.n)
+
+    def close(self) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+        self._context, self._task, self.stage = None, None, None
+
+    def __enter__(self) -> "StepBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

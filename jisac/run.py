@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
@@ -213,32 +212,6 @@ def beautify_existing(cfg: config.JisacConfig) -> dict:
     return result
 
 
-class PrealignProgress:
-    """Pre-alignment's pass lines, also as one progress bar per search stage (``jisac.progress``; a stage may end
-    before its last pass, once the centres settle). Every line is still logged."""
-
-    def __init__(self):
-        self.stage, self.bar, self.task = None, None, None
-
-    def __call__(self, message: str) -> None:
-        log.info("%s", message)
-        match = re.match(r"pre-alignment stage (.+): pass (\d+)/(\d+)", message)
-        if match is None:
-            return
-        stage, done, total = match.group(1), int(match.group(2)), int(match.group(3))
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = progress.task(f"pre-alignment {stage}", total=total, unit="pass")
-            self.task = self.bar.__enter__()
-        self.task.advance(done - self.task.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar, self.stage = None, None
-
-
 def _refresh_report(out: Path) -> None:
     """Rewrites ``report.html``; a report that cannot be written must never fail the run."""
     try:
@@ -271,14 +244,11 @@ def _preprocess(stack, rp: config.RunParams, ctf_params, keep: np.ndarray, pixel
         copies = _working_stack(stack, prep._replace(target_nx=shrunk_box), ctf_params, None, pixel_size,
                                 disk and disk.with_name("prealign_stack.mrcs"))
         shifts_shrunk = np.zeros((n, 2), np.float32)
-        stages = PrealignProgress()
-        try:
+        with progress.StepBars() as stages:  # one bar per search stage
             shifts_shrunk[keep] = prealign.prealign(
                 _kept(copies, keep), p.target_radius, jax.random.fold_in(jax.random.key(seed), 0),
                 mesh=mesh, progress=stages,
             )
-        finally:
-            stages.close()
         del copies
         shifts = (shifts_shrunk / s).astype(np.float32)
         timings["prealignment"] = round(time.perf_counter() - t, 2)

@@ -50,6 +50,7 @@ def test_stages_end_when_the_centres_settle(projections50):
         log = []
         shifts = prealign.prealign(parts, radius, jax.random.key(1), options, progress=log.append)
         passes[options.unsettled] = len(log)
+        assert [st.done for st in log[:3]] == [1, 2, 3] and log[0].unit == "pass"
         return shifts
 
     early = run(prealign.PrealignOptions(maxit=10))

@@ -123,20 +123,20 @@ def test_format_seconds():
 
 
 def test_the_generation_loop_shows_one_bar_per_generation(caplog):
-    """pipeline.GenerationProgress: one task per generation whose units are the SAC steps; it ends with the
-    generation (also when the generation converges early), and every loop line is still logged."""
-    from jisac import isac, pipeline
+    """progress.StepBars on the generation loop's steps: one task per generation whose units are its SAC steps,
+    ended by the generation's closing note (also when it converged early); every step's line is still logged."""
+    from jisac.events import Step, note
 
     progress.set_mode("log")
     try:
-        bars = pipeline.GenerationProgress(isac.make_params(init_iter=2))  # 2 rounds x (5 MRA steps + 1)
-        with caplog.at_level("INFO", logger="jisac"):
+        with caplog.at_level("INFO", logger="jisac"), progress.StepBars() as bars:
             for g in (1, 2):
-                bars(f"generation {g}: 400 particles in 2 classes")
+                bars(note(f"generation {g}: 400 particles in 2 classes"))
+                stage = f"generation {g} (SAC steps)"
                 for step in range(1, 6):
-                    bars(f"SAC round 1, MRA {step}/5 (cutoff 0.20): 400 particles in 2 classes")
-                bars("SAC round 1: 390/400 particles stable in 2 classes")
-                bars(f"generation {g}: accepted 2/2 classes, 390 particles; accounted so far 390/400 (1 s)")
+                    bars(Step(stage, step, 12, f"SAC round 1, MRA {step}/5 (cutoff 0.20): 400 particles"))
+                bars(Step(stage, 6, 12, "SAC round 1: 390/400 particles stable in 2 classes"))
+                bars(note(f"generation {g}: accepted 2/2 classes, 390 particles; accounted so far 390/400 (1 s)"))
         done = [r.getMessage() for r in caplog.records if ": done," in r.getMessage()]
         assert done[0].startswith("generation 1 (SAC steps): done, 6/12 step") and len(done) == 2
         assert sum("MRA 3/5" in r.getMessage() for r in caplog.records) == 2  # the loop's own lines are kept
@@ -145,21 +145,39 @@ def test_the_generation_loop_shows_one_bar_per_generation(caplog):
 
 
 def test_pre_alignment_shows_one_bar_per_stage(caplog):
-    """run.PrealignProgress: a task per search stage (total = its most passes), closed when the next stage starts
-    or the stage settles early; the pass lines themselves are still logged."""
-    from jisac import run
+    """progress.StepBars on pre-alignment's steps: a task per search stage (total = its most passes), closed when
+    the next stage starts or when the bars are closed; the pass lines themselves are still logged."""
+    from jisac.events import Step
 
     progress.set_mode("log")
     try:
-        bars = run.PrealignProgress()
         with caplog.at_level("INFO", logger="jisac"):
-            for stage, passes in (("+-8 px step 2", 3), ("+-4 px step 1", 2)):
-                for k in range(1, passes + 1):
-                    bars(f"pre-alignment stage {stage}: pass {k}/14, 5 centres moved by more than 0.05 px")
-            bars.close()
+            with progress.StepBars() as bars:
+                for stage, passes in (("+-8 px step 2", 3), ("+-4 px step 1", 2)):
+                    for k in range(1, passes + 1):
+                        bars(Step(f"pre-alignment {stage}", k, 14, f"pre-alignment stage {stage}: pass {k}/14",
+                                  unit="pass"))
         done = [r.getMessage() for r in caplog.records if ": done," in r.getMessage()]
         assert done == [d for d in done if "pre-alignment" in d] and len(done) == 2
         assert done[0].startswith("pre-alignment +-8 px step 2: done, 3/14 pass")
         assert done[1].startswith("pre-alignment +-4 px step 1: done, 2/14 pass")
     finally:
         progress.set_mode(None)
+
+
+def test_the_loops_report_steps_with_counts():
+    """The real emitters: a tiny ISAC generation reports its SAC steps as counted steps of one stage, in order,
+    and str(step) is the log line."""
+    import jax
+
+    from jisac import isac
+    from jisac.synthetic import known_view_particles
+
+    parts, _ = known_view_particles(64, 76, 29, 2, 1.0)
+    p = isac.make_params(img_per_grp=32, minimum_grp_size=10, init_iter=1, maxit=3)
+    steps = []
+    isac.run_generation(parts, jax.random.key(0), p, progress=steps.append, name="generation 1")
+    counted = [s for s in steps if s.total is not None]
+    assert [s.done for s in counted] == list(range(1, p.n_filter_steps + 2))
+    assert {s.stage for s in counted} == {"generation 1 (SAC steps)"} and counted[0].total == p.n_filter_steps + 1
+    assert str(counted[-1]).startswith("SAC round 1: ") and "stable" in str(counted[-1])
