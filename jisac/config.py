@@ -60,6 +60,8 @@ class IsacConfig:
     matching: bool = _ISAC.matching  # ISAC 2012's matching phase: unaccounted particles join accepted classes
     # when both halves of the class agree (jisac.matching); off: ISAC2
     match_quantile: float = _ISAC.match_quantile  # ... and they match it at least as well as this share of its members
+    wg_start: str = _ISAC.wg_start  # stability runs start from: random (ISAC2) or folds (each run its own fold's
+    # average at the MRA parameters; jisac.isac.fold_references)
 
 
 @dataclass
@@ -298,7 +300,7 @@ def isac_params(cfg: JisacConfig, n_particles: int | None = None) -> isac.IsacPa
         img_per_grp=c.img_per_grp, minimum_grp_size=minimum, target_nx=c.target_nx, maxit=c.maxit, dst=c.dst,
         fl=c.fl, fh=c.fh, ff=c.ff, init_iter=c.init_iter, iter_reali=c.iter_reali, stab_ali=c.stab_ali,
         thld_err=c.thld_err, main_iter_limit=c.main_iter_limit, matching=c.matching,
-        match_quantile=c.match_quantile,
+        match_quantile=c.match_quantile, wg_start=c.wg_start,
         align=AlignOptions(geometry=geometry, grid=grid),
     )
     p.validate(n_particles)

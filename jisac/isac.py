@@ -37,6 +37,9 @@ from jisac.transforms import Transform2D, apply_transform, compose, identity, ma
 log = logging.getLogger("jisac")
 
 
+WG_STARTS = ("random", "folds")
+
+
 class IsacParams(NamedTuple):
     """Frozen ISAC parameters (SPHIRE names and defaults, ``isac_algorithm.md`` §1). Lengths in working pixels.
 
@@ -65,6 +68,9 @@ class IsacParams(NamedTuple):
     # well as the ``match_quantile`` share of its stable members do
     matching: bool = False
     match_quantile: float = 0.1
+    # where each stability run's first pass starts: "random" (ISAC2: the averages of random rotations and mirrors
+    # of the members) or "folds" (the average of its own disjoint fold of the members at their MRA parameters)
+    wg_start: str = "random"
     align: align.AlignOptions = align.AlignOptions()  # rings 1..target_radius x 256, xr/yr/ts grid, mirror
 
     @property
@@ -114,6 +120,8 @@ class IsacParams(NamedTuple):
             )
         if self.stab_ali < 2:
             raise ValueError(f"isac.stab_ali must be >= 2 for a stability test (got {self.stab_ali})")
+        if self.wg_start not in WG_STARTS:
+            raise ValueError(f"isac.wg_start must be one of {WG_STARTS} (got {self.wg_start!r})")
         if not 0.0 <= self.match_quantile <= 1.0:
             raise ValueError(f"isac.match_quantile must be in [0, 1] (got {self.match_quantile})")
         if self.thld_err <= 0:
@@ -306,15 +314,35 @@ def mra_step(images, state: SacState, cutoff: float, steps: Steps, mesh=None) ->
     return SacState(references, params, labels, key)
 
 
+def fold_references(images, state: SacState, n_folds: int, k_pad: int, key: jax.Array, mesh=None) -> np.ndarray:
+    """``(n_folds, k_pad, nx, nx)``: each class's members dealt at random into ``n_folds`` disjoint folds, and
+    each fold's average at the members' current (MRA) parameters (``isac.wg_start="folds"``)."""
+    labels = np.asarray(state.labels)
+    perm = np.asarray(jax.random.permutation(key, len(labels)))
+    fold = np.zeros(len(labels), np.int64)
+    for c in range(k_pad):
+        members = perm[labels[perm] == c]  # the class's members in a random order
+        fold[members] = np.arange(len(members)) % n_folds
+    fold_labels = np.where(labels >= 0, labels * n_folds + fold, -1).astype(np.int32)
+    avgs = np.asarray(average.class_averages(images, state.params, fold_labels, k_pad * n_folds, mesh=mesh))
+    return avgs.reshape(k_pad, n_folds, *avgs.shape[1:]).transpose(1, 0, 2, 3)
+
+
 def _within_group_runs(images, state: SacState, n_runs: int, steps: Steps, mesh):
     """``n_runs`` independent within-group alignments of every class: ``(state with the key advanced, last
-    run's averages, [each run's parameters])``."""
+    run's averages, [each run's parameters])``. With ``wg_start="folds"`` (and several runs) run ``j``'s first
+    pass aligns to the averages of fold ``j`` of the members (``fold_references``) instead of those of its random
+    start: independent subsets of the class, so runs of a class with no common signal still disagree."""
     key, runs, avgs = state.key, [], None
-    for _ in range(n_runs):
+    initial = [None] * n_runs
+    if steps.p.wg_start == "folds" and n_runs > 1:
+        key, k_fold = jax.random.split(key)
+        initial = list(fold_references(images, state, n_runs, steps.k_pad, k_fold, mesh))
+    for first in initial:
         key, k_run = jax.random.split(key)
         avgs, wparams = within_group.within_group_alignment(
             images, state.labels, steps.k_pad, k_run, steps.options, steps.wg, state.params, mesh,
-            max_particles=steps.sizes.within_group_particles,
+            max_particles=steps.sizes.within_group_particles, initial=first,
         )
         runs.append(wparams)
     return state._replace(key=key), avgs, runs

@@ -171,9 +171,10 @@ def _cache_window(n: int, options: align.AlignOptions, wg: WithinGroupOptions) -
     return w
 
 
-def _within_group_local(images, labels, valid, params, n_classes, options, wg, axis=None):
+def _within_group_local(images, labels, valid, params, initial, n_classes, options, wg, axis=None):
     """The whole schedule on this device's particles; with ``axis`` (inside ``shard_map``) class sums and
-    counts are summed over the devices, so every device sees the same averages."""
+    counts are summed over the devices, so every device sees the same averages. ``initial``: ``(n_classes, ny,
+    nx)`` the first pass's class averages, or a ``(0, ny, nx)`` array (the averages of the random start)."""
     reduce = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))  # noqa: E731
     seg = jnp.where(valid & (labels >= 0), labels, n_classes)
     # Transformed images (bilinear) never exceed the largest input value: one fixed-point scale for all passes.
@@ -197,6 +198,9 @@ def _within_group_local(images, labels, valid, params, n_classes, options, wg, a
 
     def pass_inputs(params, it):
         avg = averages(params, it)
+        if initial.shape[0]:  # the first pass aligns to the given references (low-passed as that pass's averages)
+            cutoff = 0.1 + (wg.fh - 0.1) * it / max(wg.maxit - 1, 1)
+            avg = jnp.where(it == 0, filters.tanh_lowpass(initial, cutoff, wg.ff), avg)
         cx, cy = particle_centre(params)
         centres = jnp.stack([clamp(cx), clamp(cy)], -1)
         spectra = align._reference_spectra(avg, options)
@@ -249,6 +253,7 @@ def within_group_alignment(
     params: Transform2D | None = None,
     mesh: jax.sharding.Mesh | None = None,
     max_particles: int | None = None,
+    initial: np.ndarray | None = None,
 ) -> tuple[Array, Transform2D]:
     """Aligns the members of every class to their class average, from a random start.
 
@@ -272,6 +277,8 @@ def within_group_alignment(
         mesh: optional one-axis device mesh: particles are split over its devices, class sums added across them
             (exact integer sums: the same result as one device).
         max_particles: most particles per call (all devices; ``budget.plan``); None: all in one call.
+        initial: optional ``(n_classes, ny, nx)`` references of the first pass instead of the averages of the
+            random start (``isac.wg_start="folds"``: each stability run starts from its own fold of the members).
 
     Returns:
         ``(averages, params)``: the final low-passed class averages ``(n_classes, ny, nx)`` and the members'
@@ -291,8 +298,9 @@ def within_group_alignment(
     padded = _padded_size(max(len(g) for g in groups), n_dev, options.particle_batch)
     wg = wg._replace(cache_window=_cache_window(padded, options, wg))
     # check_vma off: the class-sum scan starts from a zero that is the same on every device
-    fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4, (False, True), collectives=True,
+    fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4 + (False,), (False, True), collectives=True,
                                  check_vma=False, n_classes=n_classes, options=options, wg=wg)
+    first = np.zeros((0,) + tuple(images.shape[1:]), np.float32) if initial is None else np.asarray(initial, np.float32)
     averages = np.zeros((n_classes,) + tuple(images.shape[1:]), np.float32)
     out = Transform2D(*(np.array(f, copy=True) for f in start))
     for rows in groups:
@@ -301,7 +309,7 @@ def within_group_alignment(
         lab = pad_rows(labels[rows], padded, -1)
         valid = np.arange(padded) < m
         st = Transform2D(*(pad_rows(f[rows], padded) for f in start))
-        avg, found = fn(*sharding.to_devices((view, lab, valid, st), mesh))
+        avg, found = fn(*sharding.to_devices((view, lab, valid, st), mesh, (first,)))
         in_group = np.zeros(n_classes, bool)
         in_group[np.unique(labels[rows][labels[rows] >= 0])] = True
         averages[in_group] = np.asarray(_final_lowpass(jnp.asarray(sharding.fetch(avg)), wg.fh, wg.ff))[in_group]

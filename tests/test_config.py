@@ -37,6 +37,7 @@ REACHES = {
     "isac.main_iter_limit": (2, lambda r: r.isac.main_iter_limit),
     "isac.matching": (True, lambda r: r.isac.matching),
     "isac.match_quantile": (0.3, lambda r: r.isac.match_quantile),
+    "isac.wg_start": ("folds", lambda r: r.isac.wg_start),
     "align.first_ring": (2, lambda r: r.isac.align.geometry.first_ring),
     "align.ring_step": (2, lambda r: r.isac.align.geometry.ring_step),
     "align.n_angles": (128, lambda r: r.isac.align.geometry.n_angles),
