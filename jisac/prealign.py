@@ -7,9 +7,25 @@ ranges), ``maxit`` passes each. Every pass centres the average by the members' m
 the shift that moves each particle's centre to the box centre, ``t = -particle_centre(P)`` (rotation and mirror
 are discarded).
 
+Two ways to search a pass (``PrealignOptions.method``), both over the same grid of candidate offsets ``o``:
+
+- ``"shift_particles"`` (SPHIRE's): every particle is resampled in polar coordinates about each candidate centre
+  ``c + o`` (``c`` its current centre) and correlated with the reference's rings about the box centre:
+  ``n x n_shifts`` polar transforms per pass.
+- ``"shift_reference"`` (the default, several times faster): there is only one reference, so the reference is
+  resampled about each ``d = -o`` instead (``n_shifts`` copies, prepared once per pass as a bank of references)
+  and every particle once, about ``c``; ``align.align_to_references`` picks the best (copy, angle, mirror).
+  Matching particle rings about ``c`` at angle ``psi`` (mirror ``m``) with reference rings about ``d`` is the
+  rigid map ``T(v) = M_m R(psi) (v - c) + d`` (``transforms`` convention), so the particle point that lands on
+  the reference's centre is ``c' = c - R(-psi) M_m d = c + R(-psi) M_m o``: the found parameters are
+  ``from_centre_and_angle(c', psi, m)``. The candidate centres are the same grid rotated (and mirrored) about
+  ``c`` by the particle's own angle: equally spaced, the same count, and identical where ``psi = 0``; the
+  windows differ (a disc about ``d`` of the reference instead of about ``c + o`` of the particle).
+
 Differences from SPHIRE, on purpose: the reference's low-pass cutoff rises on a fixed schedule (0.1 -> ``fh``)
 instead of a tanh fit to the even/odd FRC; the first pass starts from a random rotation and mirror per
-particle (as ISAC's within-group alignment) rather than from zero.
+particle (as ISAC's within-group alignment) rather than from zero; by default the reference is shifted instead
+of the particles (above).
 """
 
 from __future__ import annotations
@@ -22,7 +38,7 @@ import numpy as np
 
 from jisac import align, average, filters
 from jisac.polar import RingGeometry
-from jisac.transforms import compose, from_centre_and_angle, make_transform, particle_centre
+from jisac.transforms import Transform2D, compose, from_centre_and_angle, make_transform, particle_centre
 from jisac.within_group import random_start
 
 
@@ -48,13 +64,73 @@ class PrealignOptions(NamedTuple):
     1-2 of the second, every pass moves the same 1-2 % of particles back and forth by one grid step while the
     rest stay put to 1e-3 px, so the remaining passes only spend time. The reference's cutoff follows the full
     schedule (pass ``j`` of stage ``s`` has the cutoff of pass ``s * maxit + j``), so a stage that ends early
-    does not change the next stage's cutoffs."""
+    does not change the next stage's cutoffs.
+
+    ``method`` is how a pass searches the candidate centres (module docstring): ``"shift_reference"`` (one polar
+    transform per particle and one per candidate offset) or ``"shift_particles"`` (SPHIRE's: one per particle
+    and candidate offset). ``particle_batch`` is the particles per inner step of the ``"shift_reference"``
+    search (one centre each, so larger than the multi-centre searches' 4)."""
 
     maxit: int = 14
     fh: float = 0.4
     ff: float = 0.2
     tol: float = 0.05
     unsettled: float = 0.02
+    method: str = "shift_reference"
+    particle_batch: int = 16
+
+
+METHODS = ("shift_reference", "shift_particles")
+
+
+def shifted_copies(image: jax.Array, offsets: np.ndarray) -> jax.Array:
+    """``(s, ny, nx)`` copies of a ``(ny, nx)`` image, copy ``j`` moved by the integer offset ``o_j``:
+    ``copy_j(v) = image(v - o_j)``, so its rings about the box centre are the image's rings about ``-o_j``.
+
+    A periodic integer shift (exact, no interpolation); ``search_stages`` keeps every ring of radius
+    ``target_radius`` about ``-o_j`` inside the box, so nothing wraps round into the sampled rings.
+    """
+    ny, nx = image.shape[-2:]
+    o = np.rint(offsets).astype(np.int64)
+    if not np.allclose(o, offsets):
+        raise ValueError(f"pre-alignment: the shift_reference search needs integer offsets (got {offsets.tolist()})")
+    rows = (np.arange(ny)[None, :] - o[:, 1, None]) % ny  # (s, ny)
+    cols = (np.arange(nx)[None, :] - o[:, 0, None]) % nx  # (s, nx)
+    return jnp.asarray(image)[rows[:, :, None], cols[:, None, :]]
+
+
+def align_to_shifted_reference(images, reference: jax.Array, current: Transform2D, opts: align.AlignOptions,
+                               particle_batch: int = 16, mesh: jax.sharding.Mesh | None = None) -> Transform2D:
+    """One pre-alignment search by shifting the reference (module docstring): the best of ``opts.grid``'s
+    offsets, every angle and the mirror for each particle, reported as the transform onto the reference.
+
+    Args:
+        images: ``(n, ny, nx)`` particles.
+        reference: ``(ny, nx)`` the one reference (centred on the box centre).
+        current: ``Transform2D`` with fields ``(n,)``: the particles' rings are taken about its centres.
+        opts: the search; ``opts.grid`` must have integer offsets.
+
+    Returns:
+        ``Transform2D`` with fields ``(n,)``, ``from_centre_and_angle(c + R(-psi) M_m o, psi, m)``.
+    """
+    offsets = opts.grid.offsets()
+    n_shifts = len(offsets)
+    # one centre per particle; the bank's references are the reference's shifted copies (one chunk)
+    ref_opts = opts._replace(grid=align.SearchGrid(0.0, 0.0, 1.0), reference_chunk=n_shifts,
+                             particle_batch=particle_batch)
+    bank = align.prepare_references(shifted_copies(reference, offsets), ref_opts)
+    best = align.align_to_references(images, bank, ref_opts, params=current, mesh=mesh)
+    cx, cy = (np.asarray(c, np.float64) for c in particle_centre(best.params))
+    psi = np.asarray(best.params.angle, np.float64)
+    mirror = np.asarray(best.params.mirror)
+    o = offsets[np.asarray(best.reference)]  # (n, 2)
+    ox = np.where(mirror, -o[:, 0], o[:, 0])
+    # R(-psi) (ox, oy) with R(a) = [[cos a, sin a], [-sin a, cos a]] (transforms._rotate)
+    a = np.deg2rad(-psi)
+    dx = np.cos(a) * ox + np.sin(a) * o[:, 1]
+    dy = -np.sin(a) * ox + np.cos(a) * o[:, 1]
+    return from_centre_and_angle(jnp.asarray(cx + dx, jnp.float32), jnp.asarray(cy + dy, jnp.float32),
+                                 best.params.angle, best.params.mirror)
 
 
 def prealign(
@@ -72,6 +148,8 @@ def prealign(
         target_radius: particle radius in pixels of ``images``: the outermost ring.
         key: PRNG key of the random start.
     """
+    if options.method not in METHODS:
+        raise ValueError(f"pre-alignment: PrealignOptions.method must be one of {METHODS} (got {options.method!r})")
     n, box = images.shape[0], images.shape[-1]
     stages = search_stages(box, target_radius)
     geometry = RingGeometry(1, target_radius, 1)
@@ -97,8 +175,11 @@ def prealign(
             cx, cy = particle_centre(params)
             limit = box // 2 - target_radius - 2
             centred = from_centre_and_angle(jnp.clip(cx, -limit, limit), jnp.clip(cy, -limit, limit), 0.0, False)
-            spectra = align.prepare_assigned_references(avg, opts)
-            params, _ = align.align_to_assigned(images, spectra, labels, opts, params=centred, mesh=mesh)
+            if options.method == "shift_reference":
+                params = align_to_shifted_reference(images, avg[0], centred, opts, options.particle_batch, mesh)
+            else:
+                spectra = align.prepare_assigned_references(avg, opts)
+                params, _ = align.align_to_assigned(images, spectra, labels, opts, params=centred, mesh=mesh)
             after = np.stack([np.asarray(c) for c in particle_centre(params)], -1)
             change = np.full(n, np.inf) if before is None else np.hypot(*(after - before).T)
             moved = int(np.sum(change > options.tol))
