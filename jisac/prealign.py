@@ -30,6 +30,7 @@ of the particles (above).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -90,19 +91,29 @@ def shifted_copies(image: jax.Array, offsets: np.ndarray) -> jax.Array:
     A periodic integer shift (exact, no interpolation); ``search_stages`` keeps every ring of radius
     ``target_radius`` about ``-o_j`` inside the box, so nothing wraps round into the sampled rings.
     """
-    ny, nx = image.shape[-2:]
-    o = np.rint(offsets).astype(np.int64)
+    return _rolled(jnp.asarray(image), _integer_offsets(offsets))
+
+
+def _integer_offsets(offsets: np.ndarray) -> jax.Array:
+    o = np.rint(offsets)
     if not np.allclose(o, offsets):
         raise ValueError(f"pre-alignment: the shift_reference search needs integer offsets (got {offsets.tolist()})")
-    rows = (np.arange(ny)[None, :] - o[:, 1, None]) % ny  # (s, ny)
-    cols = (np.arange(nx)[None, :] - o[:, 0, None]) % nx  # (s, nx)
-    return jnp.asarray(image)[rows[:, :, None], cols[:, None, :]]
+    return jnp.asarray(o, jnp.int32)
 
 
-def shifted_reference_geometry(geometry: RingGeometry, grid: align.SearchGrid) -> RingGeometry:
-    """The rings of the ``shift_reference`` search: ``geometry``'s, out to ``last_ring`` plus the longest grid
-    offset (rounded up), so that a disc of radius ``last_ring`` about any candidate centre lies inside them."""
-    reach = int(np.ceil(np.max(np.hypot(*grid.offsets().T)) - 1e-9))
+def _rolled(image: jax.Array, offsets: jax.Array) -> jax.Array:
+    """``shifted_copies`` for ``(s, 2)`` int32 offsets (traced: one program whatever the grid's spacing)."""
+    ny, nx = image.shape[-2:]
+    rows = (jnp.arange(ny)[None, :] - offsets[:, 1, None]) % ny  # (s, ny)
+    cols = (jnp.arange(nx)[None, :] - offsets[:, 0, None]) % nx  # (s, nx)
+    return image[rows[:, :, None], cols[:, None, :]]
+
+
+def shifted_reference_geometry(geometry: RingGeometry, *grids: align.SearchGrid) -> RingGeometry:
+    """The rings of the ``shift_reference`` search: ``geometry``'s, out to ``last_ring`` plus the longest offset
+    of ``grids`` (rounded up), so that a disc of radius ``last_ring`` about any candidate centre lies inside
+    them. ``prealign`` passes every stage's grid: one geometry for all stages compiles the search once."""
+    reach = max(int(np.ceil(np.max(np.hypot(*grid.offsets().T)) - 1e-9)) for grid in grids)
     return geometry._replace(last_ring=geometry.last_ring + reach)
 
 
@@ -116,7 +127,8 @@ def masked_reference(reference: jax.Array, radius: int) -> jax.Array:
 
 
 def align_to_shifted_reference(images, reference: jax.Array, current: Transform2D, opts: align.AlignOptions,
-                               particle_batch: int = 16, mesh: jax.sharding.Mesh | None = None) -> Transform2D:
+                               particle_batch: int = 16, mesh: jax.sharding.Mesh | None = None,
+                               rings: RingGeometry | None = None) -> Transform2D:
     """One pre-alignment search by shifting the reference (module docstring): the best of ``opts.grid``'s
     offsets, every angle and the mirror for each particle, reported as the transform onto the reference.
 
@@ -135,30 +147,58 @@ def align_to_shifted_reference(images, reference: jax.Array, current: Transform2
         opts: the search; ``opts.grid`` must have integer offsets.
         particle_batch: particles per inner step.
         mesh: optional device mesh (``align.align_to_references``).
+        rings: the rings searched; default ``shifted_reference_geometry(opts.geometry, opts.grid)`` (wider ones
+            give the same scores up to sampling).
 
     Returns:
         ``Transform2D`` with fields ``(n,)``, ``from_centre_and_angle(c + R(-psi) M_m o, psi, m)``.
     """
-    offsets = opts.grid.offsets()
-    n_shifts = len(offsets)
+    n_shifts = opts.grid.n_shifts
     # one centre per particle; the bank's references are the reference's shifted copies (one chunk)
-    ref_opts = opts._replace(geometry=shifted_reference_geometry(opts.geometry, opts.grid),
+    rings = shifted_reference_geometry(opts.geometry, opts.grid) if rings is None else rings
+    ref_opts = opts._replace(geometry=rings,
                              grid=align.SearchGrid(0.0, 0.0, 1.0), reference_chunk=n_shifts,
                              particle_batch=particle_batch)
-    copies = shifted_copies(masked_reference(reference, opts.geometry.last_ring), offsets)
-    bank = align.prepare_references(copies, ref_opts)
+    bank = _shifted_bank(reference, _integer_offsets(opts.grid.offsets()), opts.geometry.last_ring, ref_opts)
     best = align.align_to_references(images, bank, ref_opts, params=current, mesh=mesh)
-    cx, cy = (np.asarray(c, np.float64) for c in particle_centre(best.params))
-    psi = np.asarray(best.params.angle, np.float64)
-    mirror = np.asarray(best.params.mirror)
-    o = offsets[np.asarray(best.reference)]  # (n, 2)
-    ox = np.where(mirror, -o[:, 0], o[:, 0])
-    # R(-psi) (ox, oy) with R(a) = [[cos a, sin a], [-sin a, cos a]] (transforms._rotate)
-    a = np.deg2rad(-psi)
-    dx = np.cos(a) * ox + np.sin(a) * o[:, 1]
-    dy = -np.sin(a) * ox + np.cos(a) * o[:, 1]
-    return from_centre_and_angle(jnp.asarray(cx + dx, jnp.float32), jnp.asarray(cy + dy, jnp.float32),
-                                 best.params.angle, best.params.mirror)
+    return _moved_centres(best.params, best.reference, jnp.asarray(opts.grid.offsets(), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("radius", "options"))
+def _shifted_bank(reference: jax.Array, offsets: jax.Array, radius: int, options: align.AlignOptions):
+    """The bank of the masked reference's copies shifted by ``(s, 2)`` int32 ``offsets``, in one program (the
+    first pass's time is mostly compilation: one program instead of a dozen eager ones)."""
+    return align.prepare_references(_rolled(masked_reference(reference, radius), offsets), options)
+
+
+@jax.jit
+def _moved_centres(found: Transform2D, index: jax.Array, offsets: jax.Array) -> Transform2D:
+    """``from_centre_and_angle(c + R(-psi) M_m o, psi, m)`` for the search's ``found`` parameters (centre ``c``,
+    angle ``psi``, mirror ``m``) and the offsets ``o = offsets[index]`` of the chosen copies."""
+    cx, cy = particle_centre(found)
+    o = offsets[index]
+    ox = jnp.where(found.mirror, -o[:, 0], o[:, 0])
+    # R(-psi) (ox, oy) with R(a) = [[cos a, sin a], [-sin a, cos a]] (transforms' convention)
+    a = jnp.deg2rad(-found.angle)
+    dx = jnp.cos(a) * ox + jnp.sin(a) * o[:, 1]
+    dy = -jnp.sin(a) * ox + jnp.cos(a) * o[:, 1]
+    return from_centre_and_angle(cx + dx, cy + dy, found.angle, found.mirror)
+
+
+@functools.partial(jax.jit, static_argnames=("falloff", "limit"))
+def _centred_reference(avg: jax.Array, params: Transform2D, cutoff, falloff: float, limit: int):
+    """One pass's reference and starting centres, in one program: the average ``(1, ny, nx)`` shifted by minus
+    the members' mean displacement (SPHIRE's ``center_method = -1``), the members' ``params`` with it, the
+    average low-passed (tanh, ``cutoff``/``falloff`` cycles/px), and every particle's current centre clipped to
+    ``+-limit`` px as a ``Transform2D`` (the search starts there). Returns ``(reference, params, start)``."""
+    disp_x = jnp.mean(jnp.where(params.mirror, -params.shift_x, params.shift_x))
+    disp_y = jnp.mean(params.shift_y)
+    avg = filters.fourier_shift(avg, -disp_x, -disp_y)
+    params = compose(params, make_transform(0.0, -disp_x, -disp_y, False))
+    avg = filters.tanh_lowpass(avg, cutoff, falloff)
+    cx, cy = particle_centre(params)
+    start = from_centre_and_angle(jnp.clip(cx, -limit, limit), jnp.clip(cy, -limit, limit), 0.0, False)
+    return avg, params, start
 
 
 def prealign(
@@ -184,6 +224,8 @@ def prealign(
     labels = np.zeros(n, np.int32)
     params = random_start(key, None, n)
     total = len(stages) * options.maxit
+    grids = [align.SearchGrid(rng_, rng_, step) for rng_, step in stages]
+    rings = shifted_reference_geometry(geometry, *grids)
     for stage, (rng_, step) in enumerate(stages):
         before = None
         opts = align.AlignOptions(
@@ -191,20 +233,10 @@ def prealign(
         )
         for it in range(options.maxit):
             avg = average.class_averages(images, params, labels, 1, mesh=mesh)
-            # centre the average: shift it by minus the members' mean displacement, and the members with it
-            sx = np.asarray(params.shift_x)
-            disp = np.array(
-                [np.mean(np.where(np.asarray(params.mirror), -sx, sx)), np.mean(np.asarray(params.shift_y))]
-            )
-            avg = filters.fourier_shift(avg, -disp[0], -disp[1])
-            params = compose(params, make_transform(0.0, -disp[0], -disp[1], False))
             cutoff = 0.1 + (options.fh - 0.1) * (stage * options.maxit + it + 1) / total
-            avg = filters.tanh_lowpass(avg, cutoff, options.ff)
-            cx, cy = particle_centre(params)
-            limit = box // 2 - target_radius - 2
-            centred = from_centre_and_angle(jnp.clip(cx, -limit, limit), jnp.clip(cy, -limit, limit), 0.0, False)
+            avg, params, centred = _centred_reference(avg, params, cutoff, options.ff, box // 2 - target_radius - 2)
             if options.method == "shift_reference":
-                params = align_to_shifted_reference(images, avg[0], centred, opts, options.particle_batch, mesh)
+                params = align_to_shifted_reference(images, avg[0], centred, opts, options.particle_batch, mesh, rings)
             else:
                 spectra = align.prepare_assigned_references(avg, opts)
                 params, _ = align.align_to_assigned(images, spectra, labels, opts, params=centred, mesh=mesh)
