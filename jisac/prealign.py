@@ -19,13 +19,15 @@ Two ways to search a pass (``PrealignOptions.method``), both over the same grid 
   rigid map ``T(v) = M_m R(psi) (v - c) + d`` (``transforms`` convention), so the particle point that lands on
   the reference's centre is ``c' = c - R(-psi) M_m d = c + R(-psi) M_m o``: the found parameters are
   ``from_centre_and_angle(c', psi, m)``. The candidate centres are the same grid rotated (and mirrored) about
-  ``c`` by the particle's own angle: equally spaced, the same count, and identical where ``psi = 0``; the
-  windows differ (a disc about ``d`` of the reference instead of about ``c + o`` of the particle).
+  ``c`` by the particle's own angle: equally spaced, the same count, and identical where ``psi = 0``. The
+  reference is masked to the particle radius ``R`` (as SPHIRE's ``ref_ali2d`` does; ``shift_particles`` keeps
+  jisac's unmasked reference) and both ring sets reach ``R`` plus the longest offset, so that a candidate's
+  score covers the reference's whole disc, as SPHIRE's does (``align_to_shifted_reference``).
 
 Differences from SPHIRE, on purpose: the reference's low-pass cutoff rises on a fixed schedule (0.1 -> ``fh``)
 instead of a tanh fit to the even/odd FRC; the first pass starts from a random rotation and mirror per
-particle (as ISAC's within-group alignment) rather than from zero; by default the reference is shifted instead
-of the particles (above).
+particle (as ISAC's within-group alignment) rather than from zero; by default the (masked) reference is shifted
+instead of the particles (above).
 """
 
 from __future__ import annotations
