@@ -64,8 +64,9 @@ class PrealignOptions(NamedTuple):
     """``maxit`` passes per stage at most (SPHIRE's hidden constant 14). A stage ends early after a pass that
     moved at most a fraction ``unsettled`` of the particles' centres by more than ``tol`` px (``unsettled < 0``:
     always ``maxit`` passes). Measured on the demo (docs/benchmarks.md): after 8-9 passes of the first stage and
-    1-2 of the second, every pass moves the same 1-2 % of particles back and forth by one grid step while the
-    rest stay put to 1e-3 px, so the remaining passes only spend time. The reference's cutoff follows the full
+    1-2 of the second (``shift_particles``; ``shift_reference``: 10 and 3), every pass moves the same 1-2 % of
+    particles back and forth by one grid step while the rest stay put to 1e-3 px, so the remaining passes only
+    spend time. The reference's cutoff follows the full
     schedule (pass ``j`` of stage ``s`` has the cutoff of pass ``s * maxit + j``), so a stage that ends early
     does not change the next stage's cutoffs.
 
@@ -90,8 +91,9 @@ def shifted_copies(image: jax.Array, offsets: np.ndarray) -> jax.Array:
     """``(s, ny, nx)`` copies of a ``(ny, nx)`` image, copy ``j`` moved by the integer offset ``o_j``:
     ``copy_j(v) = image(v - o_j)``, so its rings about the box centre are the image's rings about ``-o_j``.
 
-    A periodic integer shift (exact, no interpolation); ``search_stages`` keeps every ring of radius
-    ``target_radius`` about ``-o_j`` inside the box, so nothing wraps round into the sampled rings.
+    A periodic integer shift (exact, no interpolation). The search shifts the masked reference, zero outside the
+    disc of radius ``target_radius``, and ``search_stages`` keeps that disc inside the box when moved by any
+    offset: nothing wraps round, and rings beyond the box read zero as bilinear sampling does.
     """
     return _rolled(jnp.asarray(image), _integer_offsets(offsets))
 
