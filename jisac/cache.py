@@ -36,7 +36,7 @@ from jisac.io.atomic import atomic_path, write_json
 log = logging.getLogger("jisac")
 
 # Bump when the pre-alignment or the working-stack preparation changes what it computes: old entries then miss.
-CACHE_VERSION = 2  # 2: pre-alignment stages end when the centres settle (prealign.PrealignOptions)
+CACHE_VERSION = 3  # 3: pre-alignment shifts the reference, not the particles (prealign.PrealignOptions.method)
 ARRAYS = ("working", "shifts", "keep")
 
 
