@@ -178,8 +178,8 @@ def known_view_particles(
 # frequency coordinates, band-limited exactly at the output's and the map's Nyquist (real-space sampling would
 # alias or need a separate low-pass), (2) the cost per view is O(box^2) gathers after a one-off O(N^3 log N)
 # FFT, so thousands of views vmap in seconds on a CPU. The price: trilinear interpolation of the spectrum damps
-# and slightly distorts high frequencies; zero-padding the map (``pad``, >= 2x) keeps that error at the percent
-# level (tests/test_synthetic.py compares a Gaussian blob's projection with its analytic integral).
+# and slightly distorts high frequencies; zero-padding the map (``pad``, 3x by default) keeps that error at the
+# percent level (tests/test_synthetic.py compares a Gaussian blob's projection with its analytic integral).
 
 JUNK_NONE, JUNK_ICE, JUNK_AGGREGATE = 0, 1, 2
 
@@ -210,10 +210,14 @@ class MapFT(NamedTuple):
 
 
 def fourier_volume(vol: np.ndarray, pixel_size: float, pad: int | None = None) -> MapFT:
-    """The map's centred 3D FT, zero-padded to ``pad``^3 voxels (default: twice the map, even), computed in
-    float64 and stored complex64. The map's centre voxel ``n // 2`` stays the origin."""
+    """The map's centred 3D FT, zero-padded to ``pad``^3 voxels (default: three times the map, even), computed
+    in float64 and stored complex64. The map's centre voxel ``n // 2`` stays the origin.
+
+    Padding sets the accuracy of the trilinear slice: on the 70S ribosome map at 6 A/px, 2x padding is 5 % (RMS)
+    from a 4x padded reference, 3x 1.6 %; a 1.5-voxel Gaussian blob is within 1.5 % of its analytic projection at
+    3x (tests/test_synthetic.py), 3 % and 0.2 px off-centre at 2x."""
     n = vol.shape[0]
-    pad = 2 * n + (2 * n) % 2 if pad is None else int(pad)
+    pad = 3 * n + (3 * n) % 2 if pad is None else int(pad)
     if pad < n:
         raise ValueError(f"pad ({pad}) must be at least the map size ({n})")
     big = np.zeros((pad,) * 3, np.float64)
