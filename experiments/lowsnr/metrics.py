@@ -17,6 +17,8 @@ views here is axial: ``arccos |u . v|`` (0 to 90 deg), and a class's view is the
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jisac import assignment, filters, synthetic
@@ -203,3 +205,46 @@ def best_shift_corr(average: np.ndarray, template: np.ndarray, cutoff: float, ma
         for dx in range(-max_shift, max_shift + 1):
             best = max(best, highpass_corr(average, np.roll(template, (dy, dx), (0, 1)), cutoff, mask))
     return float(best)
+
+
+def best_match_corr(averages: np.ndarray, projections: np.ndarray, cutoff: float, mask: np.ndarray,
+                    angle_step: float = 6.0, max_shift: int = 3) -> np.ndarray:
+    """For each average ``(m, n, n)``, the best high-passed correlation with any of ``projections`` ``(k, n, n)``
+    (clean views from one hemisphere: the mirror search covers the other) over in-plane angles in
+    ``angle_step`` steps, mirror and integer shifts within ``+-max_shift`` px: ``(m,)``.
+
+    Needs no membership, so it also scores the averages of classes that failed stability: an average that looks
+    like a ribosome view scores near the accepted ones, one that is noise near the score of a pure-noise image
+    (the search's own bias; run it on noise to get that floor)."""
+    n = averages.shape[-1]
+    keep = jnp.asarray(np.fft.fftfreq(n)[:, None] ** 2 + np.fft.fftfreq(n)[None, :] ** 2 >= cutoff**2, jnp.float32)
+
+    def filt(x):
+        f = jnp.fft.ifft2(jnp.fft.fft2(x * mask) * keep).real
+        return f / jnp.sqrt(jnp.sum(f * f, axis=(-2, -1), keepdims=True))
+
+    fa = jnp.fft.fft2(filt(jnp.asarray(averages, jnp.float32)))  # (m, n, n)
+    shifts = np.r_[0:max_shift + 1, n - max_shift:n]
+    angles = np.arange(0.0, 360.0, angle_step)
+    turns = T.make_transform(np.tile(angles, 2), 0.0, 0.0, np.repeat([False, True], len(angles)))
+
+    @jax.jit
+    def one_view(proj):
+        t = T.apply_transform(jnp.broadcast_to(proj, (len(turns.angle), n, n)), turns)
+        ft = jnp.fft.fft2(filt(t))  # (r, n, n)
+        cc = jnp.fft.ifft2(fa[:, None] * jnp.conj(ft)[None]).real  # (m, r, n, n): sum_x a(x) t(x - s)
+        return cc[:, :, shifts][:, :, :, shifts].max(axis=(1, 2, 3))
+
+    best = np.full(len(averages), -np.inf)
+    for proj in np.asarray(projections, np.float32):
+        best = np.maximum(best, np.asarray(one_view(jnp.asarray(proj))))
+    return best
+
+
+def phase_randomised(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Copies of ``images`` ``(m, n, n)`` with the same amplitude spectrum and random phases (the phases of white
+    noise, so the result stays real): the null model of an average that holds no view."""
+    rng = np.random.default_rng(seed)
+    f = np.fft.fft2(images)
+    noise_phase = np.exp(1j * np.angle(np.fft.fft2(rng.standard_normal(images.shape))))
+    return np.fft.ifft2(np.abs(f) * noise_phase).real.astype(np.float32)

@@ -144,6 +144,7 @@ def evaluate(sim: synthetic.MapParticles, run_dir: Path, mft: synthetic.MapFT, r
             corrs.append(M.best_shift_corr(averages[c - 1], template, cutoff, mask))
             noise_corrs.append(M.best_shift_corr(rng.standard_normal((nx, nx)), template, cutoff, mask))
     out["corr_median"] = float(np.median(corrs)) if corrs else float("nan")
+    out.update(generation_averages(run_dir, mft, sim.pixel_size, radius, summary["parameters"]))
     out["corr_per_class"] = [round(v, 3) for v in corrs]
     out["corr_noise_median"] = float(np.median(noise_corrs)) if noise_corrs else float("nan")
     out["generations"] = len(summary["generations"])
@@ -152,12 +153,57 @@ def evaluate(sim: synthetic.MapParticles, run_dir: Path, mft: synthetic.MapFT, r
     return out
 
 
+def generation_averages(run_dir: Path, mft: synthetic.MapFT, pixel_size: float, radius: float, p: dict,
+                        n_views: int = 150) -> dict:
+    """Every generation's averages (accepted and not) scored without membership: the best high-passed
+    correlation with any clean view (``metrics.best_match_corr`` over ``n_views`` hemisphere directions), and the
+    same for a phase-randomised copy of each (the floor an average holding no view reaches). An average counts as
+    "a view" when it beats its own floor by ``VIEW_MARGIN``."""
+    folders = sorted((run_dir / "main001").glob("generation*"))
+    if not folders:
+        return {}
+    first = DiskArray.from_mrc(folders[0] / "class_averages.mrcs")
+    nx = first.shape[-1]
+    work_apix = pixel_size * radius / p["target_radius"]
+    rot, tilt = synthetic.hemisphere_directions(n_views)
+    lib = synthetic.in_batches(synthetic.map_projector(mft, nx, work_apix),
+                               synthetic.euler_to_matrix(rot, tilt, 0.0).astype(np.float32),
+                               np.zeros((n_views, 2), np.float32))
+    mask = filters.soft_circular_mask(nx, nx, p["target_radius"] + 2, 3.0)
+    cutoff = 3.0 / (2 * p["target_radius"])
+    rows = []
+    for g, folder in enumerate(folders, 1):
+        if not (folder / "class_averages.mrcs").exists():
+            continue
+        allv = DiskArray.from_mrc(folder / "class_averages.mrcs")
+        allv = np.asarray(allv.read(np.arange(len(allv))))
+        accepted = np.zeros(len(allv), bool)
+        if (folder / "good_class_averages.mrcs").exists():
+            good = DiskArray.from_mrc(folder / "good_class_averages.mrcs")
+            good = np.asarray(good.read(np.arange(len(good))))
+            accepted = np.array([any(np.array_equal(a, b) for b in good) for a in allv])
+        score = M.best_match_corr(allv, lib, cutoff, mask)
+        floor = M.best_match_corr(M.phase_randomised(allv, seed=g), lib, cutoff, mask)
+        looks = score - floor >= VIEW_MARGIN
+        rows.append({"generation": g, "accepted": accepted.tolist(), "view_corr": np.round(score, 3).tolist(),
+                     "floor": np.round(floor, 3).tolist(),
+                     "rejected_like_views": int((looks & ~accepted).sum()),
+                     "rejected_like_noise": int((~looks & ~accepted).sum()),
+                     "accepted_like_noise": int((~looks & accepted).sum())})
+    return {"generation_averages": rows,
+            "rejected_like_views": sum(r["rejected_like_views"] for r in rows),
+            "rejected_like_noise": sum(r["rejected_like_noise"] for r in rows)}
+
+
+VIEW_MARGIN = 0.1  # best-view correlation above the phase-randomised floor that counts as "looks like a view"
+
 COLUMNS = [("variant", "variant", "{}"), ("n", "n", "{}"), ("snr", "snr", "{:g}"), ("junk", "junk", "{:g}"),
            ("accounted", "accounted", "{:.3f}"), ("classes", "classes", "{}"), ("spread", "spread", "{:.1f}"),
            ("ideal", "ideal_spread", "{:.1f}"), ("ratio", "spread_ratio", "{:.2f}"), ("pure15", "pure15", "{:.3f}"),
            ("inplane", "inplane_median_deg", "{:.1f}"), ("mirror_ok", "mirror_ok", "{:.3f}"),
            ("corr", "corr_median", "{:.3f}"), ("corr_noise", "corr_noise_median", "{:.3f}"),
-           ("junk_rej", "junk_rejected", "{:.3f}"), ("gens", "generations", "{}"), ("seconds", "seconds", "{:.0f}")]
+           ("junk_rej", "junk_rejected", "{:.3f}"), ("rej_view", "rejected_like_views", "{}"),
+           ("rej_noise", "rejected_like_noise", "{}"), ("gens", "generations", "{}"), ("seconds", "seconds", "{:.0f}")]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
