@@ -261,6 +261,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the stack and run folders (printed)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the stack and run folders (default: a temp)")
     ap.add_argument("--table", action="store_true", help="only print the table of every JSON file in --results")
+    ap.add_argument("--evaluate", type=Path, default=None,
+                    help="score this finished run folder instead of running ISAC (the same --n/--snr/--seed/... "
+                         "simulate the same stack; one --snr)")
     args = ap.parse_args(argv)
     if args.table:
         rows = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
@@ -290,13 +293,17 @@ def main() -> None:
         sim = synthetic.simulate_from_map(mft, args.n, jax.random.key(args.seed), snr, box=args.box,
                                           pixel_size=args.pixel_size, radius=args.radius,
                                           ice_fraction=args.junk / 2, aggregate_fraction=args.junk / 2)
-        stack = write_stack(sim, tmp)
         t_sim = time.perf_counter() - t0
-        run_dir = tmp / "run"
-        cfg = compose(overrides + [f"data.stack={stack}", f"output_dir={run_dir}"])
-        t0 = time.perf_counter()
-        jrun.run(cfg)
-        seconds = time.perf_counter() - t0
+        if args.evaluate is None:
+            stack = write_stack(sim, tmp)
+            run_dir = tmp / "run"
+            cfg = compose(overrides + [f"data.stack={stack}", f"output_dir={run_dir}"])
+            t0 = time.perf_counter()
+            jrun.run(cfg)
+            seconds = time.perf_counter() - t0
+        else:  # a run made earlier: its own wall time (from loading the stack to the outputs)
+            run_dir = args.evaluate
+            seconds = json.loads((run_dir / "summary.json").read_text())["seconds"]["total"]
         row = {"variant": name, "overrides": overrides, "n": args.n, "snr": snr, "junk": args.junk,
                "seed": args.seed, "box": args.box, "pixel_size": args.pixel_size, "radius": args.radius,
                "seconds": round(seconds, 1), "simulation_s": round(t_sim, 1),
