@@ -115,8 +115,9 @@ def evaluate(sim: synthetic.MapParticles, run_dir: Path, mft: synthetic.MapFT, r
         acc_true = np.flatnonzero(lab_true > 0)
         ideal = M.ideal_partition(dirs[acc_true], k) if len(acc_true) >= k else None
         out["ideal_spread"] = M.mean_spread(dirs[acc_true], ideal)
+        out["ideal_pure15"] = M.purity(dirs[acc_true], ideal)  # the best pure15 this class size allows
     else:
-        out["ideal_spread"] = float("nan")
+        out["ideal_spread"] = out["ideal_pure15"] = float("nan")
     out["spread_ratio"] = out["spread"] / out["ideal_spread"] if out["ideal_spread"] > 0 else float("nan")
     out["pure15"] = M.purity(dirs, classes)
     inpl = M.inplane_errors(sim.rot, sim.tilt, sim.psi, lab_true, params[:, 0], params[:, 3] > 0)
@@ -200,6 +201,7 @@ VIEW_MARGIN = 0.1  # best-view correlation above the phase-randomised floor that
 COLUMNS = [("variant", "variant", "{}"), ("n", "n", "{}"), ("snr", "snr", "{:g}"), ("junk", "junk", "{:g}"),
            ("accounted", "accounted", "{:.3f}"), ("classes", "classes", "{}"), ("spread", "spread", "{:.1f}"),
            ("ideal", "ideal_spread", "{:.1f}"), ("ratio", "spread_ratio", "{:.2f}"), ("pure15", "pure15", "{:.3f}"),
+           ("ideal15", "ideal_pure15", "{:.3f}"),
            ("inplane", "inplane_median_deg", "{:.1f}"), ("mirror_ok", "mirror_ok", "{:.3f}"),
            ("corr", "corr_median", "{:.3f}"), ("corr_noise", "corr_noise_median", "{:.3f}"),
            ("junk_rej", "junk_rejected", "{:.3f}"), ("rej_view", "rejected_like_views", "{}"),
