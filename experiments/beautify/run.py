@@ -1,7 +1,8 @@
 """Benchmark of the beautifier (jisac.beautify) on particles simulated from the 70S ribosome map.
 
-Particles are Fourier-slice projections of /work/shared/maps/clean70SRibosome_vol_65p.mrc (65^3, header pixel size 0:
-taken as 4.5 A/px, so the ~250 A ribosome spans 56 px), sampled at half that pixel size (2.25 A/px) in a 160 px box.
+Particles are Fourier-slice projections (``jisac.synthetic.map_projector``) of
+/work/shared/maps/clean70SRibosome_vol_65p.mrc (65^3, header pixel size 0: taken as 4.5 A/px, so the ~250 A
+ribosome spans 56 px), sampled at half that pixel size (2.25 A/px) in a 160 px box.
 Classes are made from the truth: each class is a view direction; its members look from within ``--cone`` degrees of
 it (tilted about an in-plane axis, so the class frame stays defined), then rotated in plane, shifted, mirrored at
 random, CTF-modulated (1-3 um defocus, <= 1000 A astigmatism, 300 kV, applied in a 2x padded box) and drowned in
@@ -50,56 +51,6 @@ APIX = MAP_APIX / 2  # particles sampled at half the map's pixel size
 RADIUS = 60  # input px (the ribosome reaches ~57 px)
 
 
-def fourier_volume(vol: np.ndarray, pad: int = BOX) -> jax.Array:
-    """Centred 3D FT of the volume zero-padded to ``pad``^3 (index ``pad // 2`` = zero frequency)."""
-    n = vol.shape[0]
-    big = np.zeros((pad,) * 3, np.float32)
-    lo = pad // 2 - n // 2
-    big[lo:lo + n, lo:lo + n, lo:lo + n] = vol
-    ft = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(big)))
-    return jnp.asarray(ft.astype(np.complex64))
-
-
-def _trilinear(vol, z, y, x):
-    z0, y0, x0 = jnp.floor(z), jnp.floor(y), jnp.floor(x)
-    fz, fy, fx = z - z0, y - y0, x - x0
-    z0, y0, x0 = z0.astype(jnp.int32), y0.astype(jnp.int32), x0.astype(jnp.int32)
-    out = 0.0
-    for dz in (0, 1):
-        for dy in (0, 1):
-            for dx in (0, 1):
-                w = (fz if dz else 1 - fz) * (fy if dy else 1 - fy) * (fx if dx else 1 - fx)
-                out = out + w * vol[z0 + dz, y0 + dy, x0 + dx]
-    return out
-
-
-def make_projector(ft3: jax.Array):
-    """``project(R (b, 3, 3), shift (b, 2)) -> (b, BOX, BOX)``: projections at APIX of the map rotated by R (object
-    coordinates R x seen along z), content shifted by ``shift`` px, by the central-slice theorem."""
-    pad = ft3.shape[0]
-    m = np.arange(BOX) - BOX // 2
-    my, mx = np.meshgrid(m, m, indexing="ij")
-    # 2D frequency m / (BOX APIX) is 3D index offset m * pad * MAP_APIX / (BOX APIX) = 2 m for pad = BOX
-    scale = pad * MAP_APIX / (BOX * APIX)
-    keep = np.hypot(mx, my) * scale < pad // 2 - 1  # the map's own Nyquist
-    kx, ky = (mx * scale * keep).astype(np.float32), (my * scale * keep).astype(np.float32)
-    keep_j = jnp.asarray(keep)
-
-    def one(r, shift):
-        # object frequency k_obj = R^T k'
-        ox = r[0, 0] * kx + r[1, 0] * ky
-        oy = r[0, 1] * kx + r[1, 1] * ky
-        oz = r[0, 2] * kx + r[1, 2] * ky
-        c = pad // 2
-        val = _trilinear(ft3, oz + c, oy + c, ox + c) * keep_j
-        fy, fx = my / BOX, mx / BOX
-        val = val * jnp.exp(-2j * jnp.pi * (fx * shift[0] + fy * shift[1]))
-        img = jnp.fft.fftshift(jnp.fft.ifft2(jnp.fft.ifftshift(val))).real
-        return img.astype(jnp.float32)
-
-    return jax.jit(jax.vmap(one))
-
-
 def rot_about_axis(axis: np.ndarray, angle_deg: np.ndarray) -> np.ndarray:
     """Rodrigues rotation matrices ``(b, 3, 3)``."""
     a = np.deg2rad(angle_deg)[:, None, None]
@@ -108,12 +59,6 @@ def rot_about_axis(axis: np.ndarray, angle_deg: np.ndarray) -> np.ndarray:
     kx[:, 0, 1], kx[:, 0, 2], kx[:, 1, 0] = -k[:, 2], k[:, 1], k[:, 2]
     kx[:, 1, 2], kx[:, 2, 0], kx[:, 2, 1] = -k[:, 0], -k[:, 1], k[:, 0]
     return np.eye(3) + np.sin(a) * kx + (1 - np.cos(a)) * kx @ kx
-
-
-def mirror_x(images: np.ndarray) -> np.ndarray:
-    """x -> -x about the centre column ``n // 2`` (even n: column i <-> n - i)."""
-    n = images.shape[-1]
-    return images[..., (n - np.arange(n)) % n]
 
 
 def highpass_corr(a: np.ndarray, b: np.ndarray, cutoff: float, mask: np.ndarray) -> float:
@@ -147,8 +92,9 @@ def main():
         return
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    vol = mrcfile.read(MAP).astype(np.float32)
-    project = make_projector(fourier_volume(vol))
+    vol, _ = synthetic.read_map(MAP)
+    # the map's FT zero-padded to BOX^3 voxels (2.46x), as this benchmark has always sampled it
+    project = synthetic.map_projector(synthetic.fourier_volume(vol, MAP_APIX, pad=BOX), BOX, APIX)
 
     k, per = args.classes, args.per_class
     n = k * per
@@ -174,7 +120,7 @@ def main():
     zero = np.zeros((n, 2), np.float32)
     clean_class_frame = batched(project, r_member.astype(np.float32), zero)  # (n, BOX, BOX)
     clean = batched(project, r_part.astype(np.float32), t.astype(np.float32))
-    clean = np.where(m[:, None, None], mirror_x(clean), clean)
+    clean = np.where(m[:, None, None], synthetic.mirror_x(clean), clean)
     truth_centre = np.asarray(project(r_centre.astype(np.float32), np.zeros((k, 2), np.float32)))
     scale = 1.0 / truth_centre.std()
     clean, clean_class_frame, truth_centre = clean * scale, clean_class_frame * scale, truth_centre * scale
@@ -189,13 +135,8 @@ def main():
     dv = du - rng.uniform(0, 1000, n)
     dang = rng.uniform(0, 180, n)
     cp = ctf.make_ctf_params(du, dv, dang, pixel_size_angst=APIX)
-    lo = BOX // 2
-
-    def with_ctf(images, *fields):
-        padded = jnp.pad(jnp.asarray(images), ((0, 0), (lo, lo), (lo, lo)))
-        return ctf.apply_ctf(padded, ctf.CTFParams(*fields))[:, lo:lo + BOX, lo:lo + BOX]
-
-    modulated = batched(with_ctf, clean, *[np.asarray(f) for f in cp])
+    modulated = batched(lambda im, *f: synthetic.apply_ctf_padded(im, ctf.CTFParams(*f)), clean,
+                        *[np.asarray(f) for f in cp])
     disc = filters.circular_mask(BOX, BOX, 55)
     particles = np.asarray(synthetic.add_noise(modulated, args.snr, jax.random.key(args.seed), disc))
     t_sim = time.perf_counter() - t0
