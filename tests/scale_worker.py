@@ -12,6 +12,8 @@ from pathlib import Path
 
 import jax
 
+BOX, RADIUS = 32, 12  # tiny: each run compiles its own programs (device count, chunk sizes); compute is the rest
+
 
 def make_stack(folder: Path) -> Path:
     import pandas as pd
@@ -19,8 +21,8 @@ def make_stack(folder: Path) -> Path:
     from jisac import synthetic
     from jisac.io.star import write_stack_and_star
 
-    box, radius, n = 48, 18, 160
-    parts, truth = synthetic.known_view_particles(n, box, radius, n_views=4, snr=0.3)
+    box, radius, n = BOX, RADIUS, 120  # 4 classes, ~113 particles accounted
+    parts, truth = synthetic.known_view_particles(n, box, radius, n_views=4, snr=0.6)
     path = folder / "particles.star"
     if not path.exists():
         write_stack_and_star(path, folder / "particles.mrcs", parts, pd.DataFrame({"myTruth": truth}), pixel_size=1.5)
@@ -30,8 +32,8 @@ def make_stack(folder: Path) -> Path:
 def config(stack: Path, out: Path, align=None, **hardware):
     from jisac import config as c
 
-    isac = c.IsacConfig(radius=18, img_per_grp=40, minimum_grp_size=20, target_radius=18, target_nx=48, maxit=6,
-                        init_iter=1, stab_ali=3, rand_seed=0, main_iter_limit=1, restart=False)
+    isac = c.IsacConfig(radius=RADIUS, img_per_grp=30, minimum_grp_size=15, target_radius=RADIUS, target_nx=BOX,
+                        maxit=6, init_iter=1, stab_ali=3, rand_seed=0, main_iter_limit=1, restart=False)
     return c.JisacConfig(output_dir=str(out), data=c.DataConfig(stack=str(stack)), isac=isac,
                          hardware=c.HardwareConfig(**hardware), align=align or c.AlignConfig(),
                          beautify=c.BeautifyConfig(enabled=False))

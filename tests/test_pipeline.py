@@ -13,8 +13,11 @@ from jisac.io import outputs
 from jisac import checkpoint, criteria, filters, isac, pipeline, synthetic
 
 BOX, RADIUS, N_VIEWS, N = 48, 18, 4, 240
+# thld_err 0.55, stricter than the default 0.7 (which accounts 200 of 240 in generation 1 and ends the run there), so
+# that the run has more than one generation and the kill test can use it as its uninterrupted reference
 PARAMS = isac.make_params(
-    img_per_grp=30, minimum_grp_size=20, target_radius=RADIUS, target_nx=BOX, maxit=10, init_iter=2, stab_ali=3
+    img_per_grp=30, minimum_grp_size=20, target_radius=RADIUS, target_nx=BOX, maxit=10, init_iter=2, stab_ali=3,
+    thld_err=0.55,
 )
 
 
@@ -69,14 +72,9 @@ def test_outputs_are_complete(full_run):
 
 
 @pytest.mark.slow
-def test_killed_run_restarts_to_the_same_result(stack, tmp_path, monkeypatch):
-    # A stricter threshold than PARAMS' so that generation 1 leaves enough particles for more generations
-    # (with PARAMS it accounts 200 of 240 and the run ends after one generation).
-    params = PARAMS._replace(thld_err=0.55)
-    out_full = tmp_path / "uninterrupted"
-    summary = jisac.classify(stack[0], params, out_full, seed=3, data_id="test")
-    assert len(summary["generations"]) >= 2
-    tmp_path = tmp_path / "killed"
+def test_killed_run_restarts_to_the_same_result(stack, full_run, tmp_path, monkeypatch):
+    out_full, summary = full_run  # the uninterrupted run, same parameters and seed
+    assert len(summary["generations"]) >= 2, "the data must need more than one generation for this test"
     real = isac.run_generation
     calls = {"n": 0}
 
@@ -88,11 +86,11 @@ def test_killed_run_restarts_to_the_same_result(stack, tmp_path, monkeypatch):
 
     monkeypatch.setattr(isac, "run_generation", dies_in_generation_2)
     with pytest.raises(KeyboardInterrupt):
-        jisac.classify(stack[0], params, tmp_path, seed=3, data_id="test")
+        jisac.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test")
     assert (tmp_path / "checkpoint" / "state.npz").exists()
     assert not (tmp_path / "summary.json").exists()  # an interrupted run does not look finished
     monkeypatch.setattr(isac, "run_generation", real)
-    jisac.classify(stack[0], params, tmp_path, seed=3, data_id="test")
+    jisac.classify(stack[0], PARAMS, tmp_path, seed=3, data_id="test")
     same_outputs(tmp_path, out_full)  # exactly the same
 
 

@@ -1,6 +1,7 @@
 """What jisac promises under bad input, kill, full disk and concurrent runs (docs/reliability.md)."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -205,24 +206,60 @@ def test_a_second_run_on_the_same_folder_refuses_at_once(tmp_path, no_prealignme
         pass
 
 
-@pytest.mark.slow
-def test_sigterm_stops_cleanly_saying_how_to_continue(tmp_path):
-    images = np.asarray(_particles(240, seed=3))
-    stack = _stack(tmp_path, images)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "jisac", f"data.stack={stack}", f"output_dir={out}", f"isac.radius={RADIUS}",
-               f"isac.target_radius={RADIUS}", f"isac.target_nx={BOX}", "isac.img_per_grp=30",
-               "isac.minimum_grp_size=20", "isac.maxit=6", "isac.init_iter=1", "isac.stab_ali=3", "isac.thld_err=0.4",
-               "isac.main_iter_limit=3", "isac.skip_prealignment=true", "data.cache=false"]
+def _cli_command(stack, out):
+    """``python -m jisac`` on a 240-particle 32 px stack that needs two generations (thld_err 0.4): the SIGTERM and
+    SIGKILL tests run exactly this, so that their four processes share the session's persistent compilation cache
+    (``XDG_CACHE_HOME``, conftest.py) and only the first compiles."""
+    return [sys.executable, "-m", "jisac", f"data.stack={stack}", f"output_dir={out}", f"isac.radius={RADIUS}",
+            f"isac.target_radius={RADIUS}", f"isac.target_nx={BOX}", "isac.img_per_grp=30", "isac.minimum_grp_size=20",
+            "isac.maxit=6", "isac.init_iter=1", "isac.stab_ali=3", "isac.thld_err=0.4", "isac.main_iter_limit=2",
+            "isac.skip_prealignment=true", "data.cache=false", "beautify.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def cli_stack(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_stack")
+    return _stack(folder, np.asarray(_particles(240, seed=3)))
+
+
+def _start_and_wait_for_generation_1(command, out):
+    """Starts ``command`` and returns the process once generation 1's checkpoint is written (still running: the
+    data need a second generation)."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / checkpoint.CHECKPOINT).exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_saying_how_to_continue(cli_stack, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_and_wait_for_generation_1(_cli_command(cli_stack, out), out)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err and "run the same command again" in err and "Traceback" not in err
     assert checkpoint.last_generation(out) >= 1  # intact and loadable; that the same command then ends as an
-    # uninterrupted run is tests/test_run.py::test_killed_process_restarts_to_the_same_result (SIGKILL)
+    # uninterrupted run is test_killed_process_restarts_to_the_same_result (SIGKILL), below
     assert not (out / "summary.json").exists()  # a stopped run does not look finished
+
+
+@pytest.mark.slow
+def test_killed_process_restarts_to_the_same_result(cli_stack, tmp_path):
+    """SIGKILL a real ``python -m jisac`` once its first generation is checkpointed; the same command again
+    finishes with exactly the classes of an uninterrupted run."""
+    full = tmp_path / "full"
+    subprocess.run(_cli_command(cli_stack, full), check=True, capture_output=True, timeout=600)
+    generations = json.loads((full / "summary.json").read_text())["generations"]
+    assert len(generations) >= 2, "the data must need more than one generation for this test"
+    killed = tmp_path / "killed"
+    victim = _start_and_wait_for_generation_1(_cli_command(cli_stack, killed), killed)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()
+    subprocess.run(_cli_command(cli_stack, killed), check=True, capture_output=True, timeout=600)
+    for name in ("particle_classes.txt", "all_parameters.txt"):
+        np.testing.assert_array_equal(np.loadtxt(killed / name), np.loadtxt(full / name))

@@ -115,39 +115,3 @@ def test_command_line_reports_one_line_errors(tmp_path):
     assert proc.returncode == 2
     assert "jisac: error:" in proc.stderr and "missing.star" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.slow
-def test_killed_process_restarts_to_the_same_result(tmp_path):
-    """SIGKILL a real ``python -m jisac`` once its first generation is checkpointed; the same command again
-    finishes with exactly the classes of an uninterrupted run."""
-    import os
-    import signal
-    import time
-
-    parts, _ = synthetic.known_view_particles(N, BOX, RADIUS, n_views=4, snr=0.15, max_shift=0.0, seed=1)
-    write_stack_and_star(tmp_path / "p.star", tmp_path / "p.mrcs", parts, pixel_size=1.5)
-
-    def command(out):
-        return [sys.executable, "-m", "jisac", f"data.stack={tmp_path / 'p.star'}", f"output_dir={out}",
-                f"isac.radius={RADIUS}", f"isac.target_radius={RADIUS}", f"isac.target_nx={BOX}", "isac.img_per_grp=30",
-                "isac.minimum_grp_size=25", "isac.maxit=10", "isac.init_iter=2", "isac.stab_ali=3",
-                "isac.skip_prealignment=true", "isac.thld_err=0.45"]  # strict enough to need a second generation
-
-    subprocess.run(command(tmp_path / "full"), check=True, capture_output=True, timeout=600)
-    generations = len(
-        np.atleast_1d(__import__("json").loads((tmp_path / "full" / "summary.json").read_text())["generations"])
-    )
-    assert generations >= 2, "the data must need more than one generation for this test"
-    victim = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp_path / "killed" / "main001" / "generation001" / "finished"
-    deadline = time.time() + 600
-    while not marker.exists() and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.2)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "killed" / "summary.json").exists()
-    subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, timeout=600)
-    for name in ("particle_classes.txt", "all_parameters.txt"):
-        np.testing.assert_array_equal(np.loadtxt(tmp_path / "killed" / name), np.loadtxt(tmp_path / "full" / name))
