@@ -83,8 +83,10 @@ class AlignConfig:
     ring_step: int = _RINGS.ring_step  # SPHIRE --rs
     n_angles: int = _RINGS.n_angles  # samples per ring (GPU ISAC)
     bandlimit: bool = _RINGS.bandlimit  # skip angular frequencies above ceil(pi r) + 1 on ring r
-    ring_lengths: str = _RINGS.ring_lengths  # constant: n_angles samples on every ring (GPU ISAC); sphire: SPHIRE's
-    # power-of-two lengths (8 on ring 1 ... 256 from ring 21), 46 % fewer samples to interpolate
+    # sphire: SPHIRE's power-of-two ring lengths (8 samples on ring 1 ... 256 from ring 21), 46 % fewer samples to
+    # interpolate than constant (n_angles on every ring, GPU ISAC's layout and the library's default); the demo
+    # gives the same classes either way, 23 % faster ISAC (docs/benchmarks.md)
+    ring_lengths: str = _ISAC.align.geometry.ring_lengths
     # Preferred chunk sizes; null: the preset of the backend the run is on (budget.BACKEND_PRESETS, the fastest
     # measured with benchmarks/bench_chunks.py). hardware.memory_budget_mb lowers them when needed.
     particle_batch: Optional[int] = None  # particles per inner step inside one jitted call

@@ -71,7 +71,9 @@ class IsacParams(NamedTuple):
     # where each stability run's first pass starts: "random" (ISAC2: the averages of random rotations and mirrors
     # of the members) or "folds" (the average of its own disjoint fold of the members at their MRA parameters)
     wg_start: str = "random"
-    align: align.AlignOptions = align.AlignOptions()  # rings 1..target_radius x 256, xr/yr/ts grid, mirror
+    # rings 1..target_radius at SPHIRE's lengths (the engine's own default, AlignOptions(), is 256 on every ring),
+    # xr/yr/ts grid, mirror
+    align: align.AlignOptions = align.AlignOptions(geometry=RingGeometry(ring_lengths="sphire"))
 
     @property
     def target_radius(self) -> int:
@@ -146,7 +148,7 @@ class IsacParams(NamedTuple):
 
 def make_params(target_radius: int = 29, xr: float = 1.0, yr: float | None = None, ts: float = 1.0,
                 first_ring: int = 1, ring_step: int = 1, n_angles: int = 256, bandlimit: bool = True,
-                ring_lengths: str = "constant",
+                ring_lengths: str = "sphire",
                 **settings) -> IsacParams:
     """``IsacParams`` from SPHIRE's flat option names (``yr=None``: same as ``xr``); ``settings`` are the other
     ``IsacParams`` fields (``img_per_grp=100``, ...)."""

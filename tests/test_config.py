@@ -42,7 +42,7 @@ REACHES = {
     "align.ring_step": (2, lambda r: r.isac.align.geometry.ring_step),
     "align.n_angles": (128, lambda r: r.isac.align.geometry.n_angles),
     "align.bandlimit": (False, lambda r: r.isac.align.geometry.bandlimit),
-    "align.ring_lengths": ("sphire", lambda r: r.isac.align.geometry.ring_lengths),
+    "align.ring_lengths": ("constant", lambda r: r.isac.align.geometry.ring_lengths),
     "align.particle_batch": (8, lambda r: r.budget.particle_batch),
     "align.reference_chunk": (20, lambda r: r.budget.reference_chunk),
     "align.particle_chunk": (64, lambda r: r.budget.particle_chunk),
