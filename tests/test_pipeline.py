@@ -14,10 +14,11 @@ from jisac import checkpoint, criteria, filters, isac, pipeline, synthetic
 
 BOX, RADIUS, N_VIEWS, N = 48, 18, 4, 240
 # thld_err 0.55, stricter than the default 0.7 (which accounts 200 of 240 in generation 1 and ends the run there), so
-# that the run has more than one generation and the kill test can use it as its uninterrupted reference
+# that the run has more than one generation and the kill test can use it as its uninterrupted reference (with 256
+# samples on every ring: SPHIRE's ring lengths account 204 in generation 1 and end the run there)
 PARAMS = isac.make_params(
     img_per_grp=30, minimum_grp_size=20, target_radius=RADIUS, target_nx=BOX, maxit=10, init_iter=2, stab_ali=3,
-    thld_err=0.55,
+    thld_err=0.55, ring_lengths="constant",
 )
 
 

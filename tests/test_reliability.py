@@ -213,7 +213,8 @@ def _cli_command(stack, out):
     return [sys.executable, "-m", "jisac", f"data.stack={stack}", f"output_dir={out}", f"isac.radius={RADIUS}",
             f"isac.target_radius={RADIUS}", f"isac.target_nx={BOX}", "isac.img_per_grp=30", "isac.minimum_grp_size=20",
             "isac.maxit=6", "isac.init_iter=1", "isac.stab_ali=3", "isac.thld_err=0.4", "isac.main_iter_limit=2",
-            "isac.skip_prealignment=true", "data.cache=false", "beautify.enabled=false"]
+            "isac.skip_prealignment=true", "data.cache=false", "beautify.enabled=false",
+            "align.ring_lengths=constant"]  # SPHIRE's ring lengths account this stack in one generation
 
 
 @pytest.fixture(scope="module")
