@@ -160,11 +160,7 @@ def _reference_spectra(references: Array, options: AlignOptions) -> Array:
     """``(k, ny, nx)`` references -> ``(k, n_mirror, n_rings, n_freqs)`` weighted, conjugated spectra."""
     geom = options.geometry
     centres = jnp.zeros((references.shape[0], 1, 2), jnp.float32)
-    if geom.ring_lengths == "constant":  # ring-normalised in the sample domain, as always (bit for bit)
-        rings = polar.polar_transform(references, centres, geom, normalize=options.normalize_references)[:, 0]
-        spec = polar.ring_spectra(rings, geom)
-    else:
-        spec = polar.polar_spectra(references, centres, geom, normalize=options.normalize_references)[:, 0]
+    spec = polar.polar_spectra(references, centres, geom, normalize=options.normalize_references)[:, 0]
     spec = spec * jnp.asarray(geom.weights(), jnp.float32)[:, None]
     parts = [jnp.conj(spec)]
     if options.mirror:

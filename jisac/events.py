@@ -32,6 +32,6 @@ class Step(NamedTuple):
         return self.message
 
 
-def note(message: str, stage: str = "") -> Step:
+def note(message: str) -> Step:
     """A message outside any counted stage."""
-    return Step(stage, 0, None, message)
+    return Step("", 0, None, message)

@@ -245,13 +245,17 @@ def _recentre(averages: jax.Array, params: Transform2D, labels: np.ndarray, n_cl
     return averages, params
 
 
+def _platform(mesh) -> tuple[str, int]:
+    """The backend and the device count the work runs on: the mesh's, or JAX's default device."""
+    return (jax.default_backend(), 1) if mesh is None else (mesh.devices.flat[0].platform, mesh.size)
+
+
 def generation_steps(n: int, p: IsacParams, mesh=None, budget: Budget | None = None, bucket: bool = True) -> Steps:
     """The ``Steps`` of a generation of ``n`` particles: ``n // img_per_grp`` classes; chunk sizes from
     ``budget`` (default: the backend's presets) for the mesh's device count (results do not depend on them).
     ``bucket``: compile for ``budget.class_bucket`` classes (a few class counts per run; same results)."""
     k = n // p.img_per_grp
-    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-    n_dev = 1 if mesh is None else mesh.size
+    platform, n_dev = _platform(mesh)
     budget = budget or default_budget(platform)
     # the reference chunk the budget allows for many references (plan gives min(k, it) for k references)
     chunk = plan(budget, p.align, budget.reference_chunk, p.target_nx, n_dev).reference_chunk
@@ -321,10 +325,11 @@ def fold_references(images, state: SacState, n_folds: int, k_pad: int, key: jax.
     each fold's average at the members' current (MRA) parameters (``isac.wg_start="folds"``)."""
     labels = np.asarray(state.labels)
     perm = np.asarray(jax.random.permutation(key, len(labels)))
+    order = perm[np.argsort(labels[perm], kind="stable")]  # grouped by class, each class in a random order
+    grouped = labels[order]
     fold = np.zeros(len(labels), np.int64)
-    for c in range(k_pad):
-        members = perm[labels[perm] == c]  # the class's members in a random order
-        fold[members] = np.arange(len(members)) % n_folds
+    # a member's rank in its class's random order (one sort, not a pass over all particles per class)
+    fold[order] = (np.arange(len(order)) - np.searchsorted(grouped, grouped)) % n_folds
     fold_labels = np.where(labels >= 0, labels * n_folds + fold, -1).astype(np.int32)
     avgs = np.asarray(average.class_averages(images, state.params, fold_labels, k_pad * n_folds, mesh=mesh))
     return avgs.reshape(k_pad, n_folds, *avgs.shape[1:]).transpose(1, 0, 2, 3)
@@ -563,8 +568,7 @@ def accept_generation(state: IsacState, result: GenerationResult, work_idx: np.n
 
 def _matching_options(p: IsacParams, n_references: int, mesh, budget: Budget | None) -> align.AlignOptions:
     """ISAC's MRA options with the chunk sizes ``plan`` gives for ``n_references`` references."""
-    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-    n_dev = 1 if mesh is None else mesh.size
+    platform, n_dev = _platform(mesh)
     sizes = plan(budget or default_budget(platform), p.align, n_references, p.target_nx, n_dev)
     return p.align._replace(particle_batch=sizes.particle_batch, reference_chunk=sizes.reference_chunk)
 

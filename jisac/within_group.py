@@ -185,10 +185,12 @@ def _within_group_local(images, labels, valid, params, initial, n_classes, optio
     safe_labels = jnp.clip(labels, 0, n_classes - 1)
     coarse = options._replace(coarse_step_deg=wg.dst)
 
+    def cutoff(it):  # of pass it's averages: 0.1 -> fh
+        return 0.1 + (wg.fh - 0.1) * it / max(wg.maxit - 1, 1)
+
     def averages(params, it, lowpass=True):
         avg = _class_sums(images, params, seg, n_classes, exponent, reduce) / counts[:, None, None]
-        cutoff = 0.1 + (wg.fh - 0.1) * it / max(wg.maxit - 1, 1)
-        return filters.tanh_lowpass(avg, cutoff, wg.ff) if lowpass else avg
+        return filters.tanh_lowpass(avg, cutoff(it), wg.ff) if lowpass else avg
 
     use_cache = wg.cache_window > 0 and _integer_grid(options)
     # this device's particles come first in its rows (the padding is at the end of the whole stack)
@@ -199,8 +201,7 @@ def _within_group_local(images, labels, valid, params, initial, n_classes, optio
     def pass_inputs(params, it):
         avg = averages(params, it)
         if initial.shape[0]:  # the first pass aligns to the given references (low-passed as that pass's averages)
-            cutoff = 0.1 + (wg.fh - 0.1) * it / max(wg.maxit - 1, 1)
-            avg = jnp.where(it == 0, filters.tanh_lowpass(initial, cutoff, wg.ff), avg)
+            avg = jnp.where(it == 0, filters.tanh_lowpass(initial, cutoff(0), wg.ff), avg)
         cx, cy = particle_centre(params)
         centres = jnp.stack([clamp(cx), clamp(cy)], -1)
         spectra = align._reference_spectra(avg, options)

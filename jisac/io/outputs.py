@@ -192,10 +192,11 @@ def class_statistics(result: ClassificationResult, img_per_grp: int, resolution_
                      pixel_size: float | None = None) -> pd.DataFrame:
     """One row per class: members, stable share, mean pixel error, resolution (Å, when known; of averages of
     ``pixel_size`` Å/px) and the ranking score (``jisac.ranking``)."""
-    members = np.asarray([len(m) for m in result.members()], np.int64)
+    groups = result.members()
+    members = np.asarray([len(m) for m in groups], np.int64)
     errors = result.mean_pixel_errors()
     # members without a pixel error joined in the matching phase (``jisac.matching``): not stable ones
-    n_stable = np.asarray([int(np.isfinite(result.errors[m]).sum()) for m in result.members()], np.int64)
+    n_stable = np.asarray([int(np.isfinite(result.errors[m]).sum()) for m in groups], np.int64)
     stable = n_stable / np.maximum(np.asarray(result.candidates, np.float64), 1.0)
     score = ranking.class_scores(stable, np.nan_to_num(errors), members, resolution_angst, pixel_size,
                                  img_per_grp=img_per_grp)
