@@ -62,6 +62,8 @@ class IsacConfig:
     match_quantile: float = _ISAC.match_quantile  # ... and they match it at least as well as this share of its members
     wg_start: str = _ISAC.wg_start  # stability runs start from: random (ISAC2) or folds (each run its own fold's
     # average at the MRA parameters; jisac.isac.fold_references)
+    wg_averages: str = _ISAC.wg_averages  # within-group passes' class averages: polar (from the members' cached
+    # ring spectra, 2x faster on CPU) or image (SPHIRE's: every member transformed)
 
 
 @dataclass
@@ -302,7 +304,7 @@ def isac_params(cfg: JisacConfig, n_particles: int | None = None) -> isac.IsacPa
         img_per_grp=c.img_per_grp, minimum_grp_size=minimum, target_nx=c.target_nx, maxit=c.maxit, dst=c.dst,
         fl=c.fl, fh=c.fh, ff=c.ff, init_iter=c.init_iter, iter_reali=c.iter_reali, stab_ali=c.stab_ali,
         thld_err=c.thld_err, main_iter_limit=c.main_iter_limit, matching=c.matching,
-        match_quantile=c.match_quantile, wg_start=c.wg_start,
+        match_quantile=c.match_quantile, wg_start=c.wg_start, wg_averages=c.wg_averages,
         align=AlignOptions(geometry=geometry, grid=grid),
     )
     p.validate(n_particles)

@@ -16,6 +16,7 @@ jisac keeps one ring length but, with ``bandlimit=True``, zeroes each ring's spe
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -233,3 +234,79 @@ def polar_spectra(images: Array, centres: Array, geometry: RingGeometry, normali
             spec = spec.at[..., -1].multiply(jnp.float32(1 / np.sqrt(2)))
         parts.append(jnp.pad(spec, [(0, 0)] * (spec.ndim - 1) + [(0, geometry.n_freqs - spec.shape[-1])]))
     return _finish_spectra(jnp.concatenate(parts, -2), geometry, normalize)
+
+
+def rotate_spectra(spectra: Array, angle: Array, mirror: Array) -> Array:
+    """Ring spectra of an image about a centre ``c`` -> those of the image rotated by ``angle`` and mirrored
+    (``mirror``) about ``c``, sampled about the box centre: the spectra of ``apply_transform(image,
+    from_centre_and_angle(c, angle, mirror))``, exact for band-limited rings (one interpolation instead of two).
+
+    A rotation by ``a`` turns ring sample ``t`` into ``t + a``: coefficient ``k`` times ``e^{i k a}``; the mirror
+    after it takes ``t`` to ``pi + a - t``: ``(-1)^k e^{-i k a}`` times the conjugate (real rings).
+
+    Args:
+        spectra: ``(..., n_rings, F)`` complex, frequencies ``0 .. F - 1`` of the ``n_angles`` layout.
+        angle: ``(...)`` degrees (``transforms`` convention); mirror: ``(...)`` bool.
+
+    Returns:
+        ``(..., n_rings, F)`` complex64.
+    """
+    k = jnp.arange(spectra.shape[-1], dtype=jnp.float32)
+    # the angle in turns, wrapped, so that k * angle keeps float32's precision (k up to n_angles / 2)
+    turns = jnp.mod(jnp.asarray(angle, jnp.float32) / 360.0, 1.0)[..., None]
+    phase = 2 * jnp.pi * jnp.mod(k * turns, 1.0)  # (..., F)
+    ramp = jax.lax.complex(jnp.cos(phase), jnp.sin(phase))[..., None, :]
+    sign = jnp.asarray((-1.0) ** np.arange(spectra.shape[-1]), jnp.float32)
+    mirrored = jnp.conj(spectra) * jnp.conj(ramp) * sign
+    return jnp.where(jnp.asarray(mirror)[..., None, None], mirrored, spectra * ramp)
+
+
+_SYNTHESIS_UPSAMPLING = 4
+
+
+@functools.lru_cache(maxsize=16)
+def _synthesis_table(geometry: RingGeometry, ny: int, nx: int, n_ang: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every pixel of an ``(ny, nx)`` box, the 4 samples of the extended ring array (``spectra_to_image``,
+    ``n_ang`` samples per ring) that bilinear interpolation in (radius, angle) reads, and their weights:
+    ``(ny * nx, 4)`` int32, float32."""
+    y, x = np.mgrid[:ny, :nx].astype(np.float64)
+    x, y = x.ravel() - nx // 2, y.ravel() - ny // 2
+    r = np.hypot(x, y)
+    n_rings = geometry.n_rings
+    # extended rings: 0 = the centre point, 1 .. n_rings = the rings, n_rings + 1 = zeros (outside the last ring)
+    rho = np.where(r < geometry.first_ring, r / geometry.first_ring, 1 + (r - geometry.first_ring) / geometry.ring_step)
+    rho = np.minimum(rho, n_rings + 1)
+    i0 = np.minimum(np.floor(rho).astype(np.int64), n_rings)
+    fr = rho - i0
+    tau = np.mod(np.arctan2(y, x), 2 * np.pi) * n_ang / (2 * np.pi)
+    j0 = np.floor(tau).astype(np.int64) % n_ang
+    ft = tau - np.floor(tau)
+    j1 = (j0 + 1) % n_ang
+    idx = np.stack([i0 * n_ang + j0, i0 * n_ang + j1, (i0 + 1) * n_ang + j0, (i0 + 1) * n_ang + j1], -1)
+    w = np.stack([(1 - fr) * (1 - ft), (1 - fr) * ft, fr * (1 - ft), fr * ft], -1)
+    return idx.astype(np.int32), w.astype(np.float32)
+
+
+def spectra_to_image(spectra: Array, geometry: RingGeometry, shape: tuple[int, int]) -> Array:
+    """The image whose rings about the box centre have these spectra: each ring back to ``n_angles`` samples
+    (``irfft``), then bilinear interpolation in (radius, angle) at every pixel. Inside the first ring the rings
+    meet the centre at the first ring's mean; beyond the last ring they fall to zero over one ring step and stay
+    zero (ISAC's rings end at the particle radius).
+
+    Args:
+        spectra: ``(..., n_rings, F)`` complex, frequencies ``0 .. F - 1`` of the ``n_angles`` layout (the rest
+            zero). shape: ``(ny, nx)``.
+
+    Returns:
+        ``(..., ny, nx)`` float32.
+    """
+    ny, nx = shape
+    n_ang = geometry.n_angles * _SYNTHESIS_UPSAMPLING
+    # rings evaluated at 4x their angles (exact: band-limited), so that the angular interpolation hardly blurs
+    rings = jnp.fft.irfft(spectra, n=n_ang, axis=-1) * _SYNTHESIS_UPSAMPLING  # (..., R, n_ang)
+    centre = jnp.broadcast_to(jnp.mean(rings[..., :1, :], -1, keepdims=True), rings[..., :1, :].shape)
+    ext = jnp.concatenate([centre, rings, jnp.zeros_like(rings[..., :1, :])], -2)
+    idx, w = _synthesis_table(geometry, ny, nx, n_ang)
+    flat = ext.reshape(*ext.shape[:-2], -1)
+    values = jnp.take(flat, jnp.asarray(idx), axis=-1)  # (..., ny * nx, 4)
+    return jnp.sum(values * jnp.asarray(w), -1).reshape(*ext.shape[:-2], ny, nx)

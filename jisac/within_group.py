@@ -34,9 +34,17 @@ class WithinGroupOptions(NamedTuple):
     dst: float = 90.0
     max_centre: float = 8.0  # search centres are clamped to +-(cnx - ou - 2) px: 8 for ISAC's 76 px box
     # Ring spectra of each particle are kept for a (2w+1)^2 window of integer centres around an anchor and
-    # reused while the search grid stays inside it (0: resample every pass). See ``_cached_pass``.
+    # reused while the search grid stays inside it (0: resample every pass). See ``_refresh_windows``.
     cache_window: int = 2
     cache_budget_mb: int = 1024  # per call, all devices: the window shrinks (2 -> 1 -> none) to fit
+    # How each pass's class averages are made: "polar" adds the members' cached ring spectra turned into the class
+    # frame and makes the average image from them (``_polar_class_sums``, ``polar.spectra_to_image``: no member is
+    # transformed; needs the cache); "image" transforms every member (bilinear) and adds the images, as SPHIRE
+    # does. The last averages (returned) are always made as images.
+    averages: str = "polar"
+
+
+WG_AVERAGES = ("polar", "image")
 
 
 def random_start(key: Array, params: Transform2D | None, n: int) -> Transform2D:
@@ -92,32 +100,36 @@ def _window_spectra(images: Array, centres: Array, window: np.ndarray, options: 
     return spec[..., : _n_used_freqs(options)]
 
 
-def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, options, coarse, wg, n_valid):
-    """One alignment pass of every particle to its class average, reusing ring spectra across passes.
+def _window_offsets(w: int) -> np.ndarray:
+    """``(P, 2)`` integer offsets ``(x, y)`` of a ``(2w+1)^2`` window, y outer, x inner."""
+    wy, wx = np.meshgrid(np.arange(-w, w + 1), np.arange(-w, w + 1), indexing="ij")
+    return np.stack([wx.ravel(), wy.ravel()], -1).astype(np.float64)
+
+
+def _window_index(k: Array, w: int) -> Array:
+    """Index in the window of integer offsets ``k`` ``(..., 2)`` (x, y) from the anchor."""
+    return (k[..., 1] + w) * (2 * w + 1) + (k[..., 0] + w)
+
+
+def _refresh_windows(images, centres, cache, anchor, options, wg, n_valid):
+    """Makes every particle's window hold its 3x3 search grid about ``centres``.
 
     Within a run a particle's centre only moves by whole grid steps (``ts = 1``), so the 3x3 candidate centres
     of later passes mostly coincide with ones already resampled. Each particle keeps the spectra of a
     ``(2w+1)^2`` window of integer offsets around an anchor (``cache``: ``(n, P, R, F_used)``, ``anchor``:
     ``(n, 2)``). Particles whose grid would leave their window (or whose centre is not a whole step from the
-    anchor, e.g. after clamping) are first resampled around their current centre; only those are written.
-    The spectra used are those the uncached search computes (same sample points up to the float rounding of
-    the anchor arithmetic), so the results agree with ``cache_window = 0``.
+    anchor, e.g. after clamping) are resampled around their current centre, ``particle_batch`` at a time (a
+    dynamic number of steps); only those are written. The spectra are those the uncached search computes (same
+    sample points up to the float rounding of the anchor arithmetic), so the results agree with
+    ``cache_window = 0``. Rows from ``n_valid`` on are padding: never resampled.
 
-    ``n_valid``: the rows before it are particles, the rest padding (``within_group_alignment`` pads to a few
-    sizes): padding is never resampled nor aligned (its parameters stay zero; they are dropped).
-
-    Returns ``(params, cache, anchor)``.
+    Returns ``(cache, anchor, k)``: ``k`` ``(n, 2)`` int32, each centre's offset from its anchor.
     """
     n = images.shape[0]
     b = options.particle_batch
     w = wg.cache_window
-    side = 2 * w + 1
-    wy, wx = np.meshgrid(np.arange(-w, w + 1), np.arange(-w, w + 1), indexing="ij")
-    window = np.stack([wx.ravel(), wy.ravel()], -1).astype(np.float64)  # (P, 2), y outer, x inner
-    grid = np.round(options.grid.offsets()).astype(np.int32)  # (S, 2)
-    reach = int(np.abs(grid).max())
-
-    # 1. Refresh the windows of the particles whose grid leaves them, b at a time (a dynamic number of steps).
+    window = _window_offsets(w)
+    reach = int(np.abs(np.round(options.grid.offsets())).max())
     rel = centres - anchor
     ok = jnp.all(jnp.abs(rel - jnp.round(rel)) < 1e-3, -1) & jnp.all(jnp.abs(jnp.round(rel)) <= w - reach, -1)
     ok = ok | (jnp.arange(n) >= n_valid)
@@ -132,14 +144,21 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
         return cache, anchor.at[rows].set(c)
 
     cache, anchor = jax.lax.fori_loop(0, n_steps, refresh, (cache, anchor))
+    return cache, anchor, jnp.round(centres - anchor).astype(jnp.int32)  # within +-(w - reach)
 
-    # 2. Align every particle with the 3x3 grid read from its window.
-    k = jnp.round(centres - anchor).astype(jnp.int32)  # (n, 2), within +-(w - reach)
+
+def _cached_align(cache, k, centres, labels, spectra, use_coarse, options, coarse, wg, n_valid):
+    """One alignment pass of every particle to its class average (``spectra``), the 3x3 grid read from its
+    window (``_refresh_windows``). Padding rows (from ``n_valid``) are skipped: their parameters stay zero.
+    Returns the parameters ``(n,)``."""
+    n = cache.shape[0]
+    b = options.particle_batch
+    w = wg.cache_window
+    grid = np.round(options.grid.offsets()).astype(np.int32)  # (S, 2)
 
     def batch(i, out, search):
         rows = i * b + jnp.arange(b)
-        kb = k[rows]
-        idx = (kb[:, None, 1] + grid[None, :, 1] + w) * side + (kb[:, None, 0] + grid[None, :, 0] + w)  # (b, S)
+        idx = _window_index(k[rows][:, None, :] + grid[None], w)  # (b, S)
         spec = cache[rows[:, None], idx]  # (b, S, R, F_used)
         refs, c = spectra[labels[rows]], centres[rows]  # (b, nm, R, F_used), (b, 2)
         found, _ = align.paired_best(spec, refs, c, search)
@@ -149,12 +168,34 @@ def _cached_pass(images, centres, labels, spectra, cache, anchor, use_coarse, op
     start = Transform2D(zeros, zeros, zeros, jnp.zeros((n,), bool))
     n_batches = (n_valid + b - 1) // b  # the padding rows after the last particle's batch are skipped
     # one branch per pass, not per batch (a conditional per batch measured 7 % of a within-group call)
-    out = jax.lax.cond(
+    return jax.lax.cond(
         use_coarse,
         lambda: jax.lax.fori_loop(0, n_batches, lambda i, o: batch(i, o, coarse), start),
         lambda: jax.lax.fori_loop(0, n_batches, lambda i, o: batch(i, o, options), start),
     )
-    return out, cache, anchor
+
+
+def _polar_class_sums(cache, k, params, seg, n_classes, geometry, wg, reduce, reduce_max):
+    """Class sums of the members' ring spectra, each turned into its class frame (``polar.rotate_spectra``):
+    ``(n_classes, R, F_used)`` complex64, exact fixed-point sums (the same on any number of devices).
+
+    The spectra at each member's current centre are already in its window (``k``), so no image is transformed:
+    this replaces the bilinear transform of every member on every pass (39 % of a call, docs/benchmarks.md).
+    Only the coefficients the band limit keeps are added."""
+    n_used = cache.shape[-1]
+    keep = np.nonzero(geometry.freq_mask()[:, :n_used].ravel())[0]
+    spec = cache[jnp.arange(cache.shape[0]), _window_index(k, wg.cache_window)]  # (n, R, F_used)
+    turned = polar.rotate_spectra(spec, params.angle, params.mirror)
+    flat = turned.reshape(turned.shape[0], -1)[:, keep]
+    values = jnp.stack([flat.real, flat.imag], -1)  # (n, C, 2)
+    member = (seg < n_classes)[:, None, None]
+    exponent = average.fixed_point_exponent(reduce_max(jnp.max(jnp.abs(jnp.where(member, values, 0.0)))))
+    hi, lo = average.exact_segment_sum(values, seg, n_classes + 1, exponent)
+    hi, lo = reduce((hi[:n_classes], lo[:n_classes]))
+    sums = average.limbs_to_float(hi, lo, exponent)
+    full = jnp.zeros((n_classes, geometry.n_rings * n_used), jnp.complex64)
+    full = full.at[:, keep].set(jax.lax.complex(sums[..., 0], sums[..., 1]))
+    return full.reshape(n_classes, geometry.n_rings, n_used)
 
 
 def cache_bytes(n: int, window: int, options: align.AlignOptions) -> int:
@@ -176,10 +217,11 @@ def _within_group_local(images, labels, valid, params, initial, n_classes, optio
     counts are summed over the devices, so every device sees the same averages. ``initial``: ``(n_classes, ny,
     nx)`` the first pass's class averages, or a ``(0, ny, nx)`` array (the averages of the random start)."""
     reduce = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))  # noqa: E731
+    reduce_max = (lambda x: x) if axis is None else (lambda x: jax.lax.pmax(x, axis))  # noqa: E731
     seg = jnp.where(valid & (labels >= 0), labels, n_classes)
     # Transformed images (bilinear) never exceed the largest input value: one fixed-point scale for all passes.
     max_abs = jnp.max(jnp.abs(jnp.where((seg < n_classes)[:, None, None], images, 0.0)))
-    exponent = average.fixed_point_exponent(max_abs if axis is None else jax.lax.pmax(max_abs, axis))
+    exponent = average.fixed_point_exponent(reduce_max(max_abs))
     counts = reduce(jnp.bincount(seg, length=n_classes + 1)[:n_classes])
     counts = jnp.maximum(counts, 1).astype(jnp.float32)
     safe_labels = jnp.clip(labels, 0, n_classes - 1)
@@ -219,11 +261,21 @@ def _within_group_local(images, labels, valid, params, initial, n_classes, optio
 
     def one_cached_pass(it, carry):
         params, cache, anchor = carry
-        centres, spectra, use_coarse = pass_inputs(params, it)
-        return _cached_pass(
-            images, centres, safe_labels, spectra[..., :n_used], cache, anchor, use_coarse, options, coarse, wg,
-            n_valid,
-        )
+        cx, cy = particle_centre(params)
+        centres = jnp.stack([clamp(cx), clamp(cy)], -1)
+        cache, anchor, k = _refresh_windows(images, centres, cache, anchor, options, wg, n_valid)
+        if wg.averages == "polar":
+            sums = _polar_class_sums(cache, k, params, seg, n_classes, options.geometry, wg, reduce, reduce_max)
+            avg = polar.spectra_to_image(sums / counts[:, None, None], options.geometry, images.shape[1:])
+            avg = filters.tanh_lowpass(avg, cutoff(it), wg.ff)
+        else:
+            avg = averages(params, it)
+        if initial.shape[0]:
+            avg = jnp.where(it == 0, filters.tanh_lowpass(initial, cutoff(0), wg.ff), avg)
+        spectra = align._reference_spectra(avg, options)[..., :n_used]
+        use_coarse = (wg.dst > 0) & (it % 4 == 0) & (it + 1 <= wg.maxit - 10)
+        params = _cached_align(cache, k, centres, safe_labels, spectra, use_coarse, options, coarse, wg, n_valid)
+        return params, cache, anchor
 
     if use_cache:
         n = images.shape[0]

@@ -38,6 +38,7 @@ REACHES = {
     "isac.matching": (True, lambda r: r.isac.matching),
     "isac.match_quantile": (0.3, lambda r: r.isac.match_quantile),
     "isac.wg_start": ("folds", lambda r: r.isac.wg_start),
+    "isac.wg_averages": ("image", lambda r: r.isac.wg_averages),
     "align.first_ring": (2, lambda r: r.isac.align.geometry.first_ring),
     "align.ring_step": (2, lambda r: r.isac.align.geometry.ring_step),
     "align.n_angles": (128, lambda r: r.isac.align.geometry.n_angles),
@@ -124,6 +125,8 @@ def test_schema_defaults_are_the_parameter_objects_defaults():
     ("isac.center_method", 1, "isac.center_method"),
     ("isac.radius", 70, "isac.radius=70"),
     ("hardware.memory_budget_mb", 0, "hardware.memory_budget_mb"),
+    ("isac.wg_start", "fold", "isac.wg_start must be one of"),
+    ("isac.wg_averages", "polr", "isac.wg_averages must be one of"),
 ])
 def test_a_bad_value_is_refused_naming_its_key(key, value, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):

@@ -6,14 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jisac import align, stability, synthetic, within_group
+from jisac import align, average, filters, polar, stability, synthetic, within_group
 from jisac import transforms as T
+from tests.helpers import angle_difference
 
 OPTIONS = align.AlignOptions(particle_batch=8, reference_chunk=2)
 WG = within_group.WithinGroupOptions(maxit=12, dst=90.0)
 
 
-def test_two_classes_converge_and_are_stable(projections50):
+@pytest.mark.parametrize("averages", within_group.WG_AVERAGES)
+def test_two_classes_converge_and_are_stable(projections50, averages):
     rng = np.random.default_rng(0)
     views = projections50[[4, 30]]
     n_per = 24
@@ -27,8 +29,17 @@ def test_two_classes_converge_and_are_stable(projections50):
 
     runs = []
     for seed in (1, 2):
-        avgs, params = within_group.within_group_alignment(parts, labels, 2, jax.random.key(seed), OPTIONS, WG)
+        avgs, params = within_group.within_group_alignment(parts, labels, 2, jax.random.key(seed), OPTIONS,
+                                                           WG._replace(averages=averages))
         runs.append(params)
+        # every member is aligned: its found transform after its true move is its class's common frame
+        frame = T.compose(q, params)
+        for c in range(2):
+            m = labels == c
+            assert np.all(np.asarray(frame.mirror)[m] == np.asarray(frame.mirror)[m][0])
+            a = np.asarray(frame.angle, np.float64)[m]
+            mean = np.rad2deg(np.angle(np.mean(np.exp(1j * np.deg2rad(a)))))
+            assert np.max(np.abs(angle_difference(a, mean))) < 3.0  # noise 0.5: most within 1 deg
         # each final average is its view up to an in-plane rotation/mirror: align it to the view
         bank = align.prepare_references(jnp.asarray(views), OPTIONS)
         found = align.align_to_references(np.asarray(avgs), bank, OPTIONS)
@@ -73,7 +84,7 @@ def test_spectrum_cache_gives_the_uncached_result(projections50):
     start = T.make_transform(0.0, rng.uniform(-2.5, 2.5, n), rng.uniform(-2.5, 2.5, n), False)
     out = {}
     for w in (0, 2):
-        wg = within_group.WithinGroupOptions(maxit=8, cache_window=w, max_centre=2.0)
+        wg = within_group.WithinGroupOptions(maxit=8, cache_window=w, max_centre=2.0, averages="image")
         out[w] = within_group.within_group_alignment(parts, labels, 3, jax.random.key(9), OPTIONS, wg, params=start)
     (a0, p0), (a2, p2) = out[0], out[2]
     np.testing.assert_array_equal(np.asarray(p2.mirror), np.asarray(p0.mirror))
@@ -90,6 +101,37 @@ def test_spectrum_cache_gives_the_uncached_result(projections50):
     scale = np.abs(a0).max()
     assert (diff > 1e-3 * scale).mean() < 1e-3  # at most 0.1 % of the pixels
     assert diff.max() < 0.05 * scale
+
+
+def test_polar_class_sums_make_the_image_average(projections50):
+    """A pass's class averages made from the members' cached ring spectra (no member transformed) are the
+    averages of the transformed members: the same image inside the particle radius up to the extra
+    interpolation (<= 3 % of the average's range after the pass's low-pass), zero outside the last ring."""
+    rng = np.random.default_rng(2)
+    n, k = 64, 2
+    labels = np.repeat([0, 1], n // 2)
+    images = jnp.asarray(projections50[[7, 21]][labels])
+    # centres on whole pixels (as in a within-group run), random angles and mirrors
+    centres = rng.integers(-2, 3, (n, 2)).astype(np.float32)
+    params = T.from_centre_and_angle(centres[:, 0], centres[:, 1], rng.uniform(0, 360, n), rng.random(n) < 0.5)
+    options = OPTIONS._replace(geometry=align.RingGeometry(ring_lengths="sphire"))
+    wg = within_group.WithinGroupOptions(cache_window=2)
+    n_used = within_group._n_used_freqs(options)
+    window = within_group._window_offsets(2)
+    cache = within_group._window_spectra(images, jnp.asarray(centres), window, options)
+    k_off = jnp.zeros((n, 2), jnp.int32)  # every centre is its window's anchor
+    seg = jnp.asarray(labels)
+    ident = lambda x: x  # noqa: E731
+    sums = within_group._polar_class_sums(cache, k_off, params, seg, k, options.geometry, wg, ident, ident)
+    assert sums.shape == (k, options.geometry.n_rings, n_used)
+    polar_avg = polar.spectra_to_image(sums / (n // k), options.geometry, (76, 76))
+    image_avg = average.class_sums(images, params, labels, k).averages()
+    lp = lambda a: np.asarray(filters.tanh_lowpass(jnp.asarray(a), 0.3, 0.2))  # noqa: E731
+    r = np.hypot(*np.meshgrid(np.arange(76) - 38, np.arange(76) - 38))
+    inside = r <= options.geometry.last_ring - 2
+    diff = np.abs(lp(polar_avg) - lp(image_avg))[:, inside]
+    assert diff.max() < 0.03 * np.ptp(lp(image_avg)[:, inside])
+    assert np.all(np.asarray(polar_avg)[:, r >= options.geometry.last_ring + 1] == 0)
 
 
 def test_cache_window_shrinks_to_fit_its_budget():
