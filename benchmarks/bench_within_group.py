@@ -4,7 +4,8 @@ class averages made from the cached spectra.
 N noisy projections of the built-in phantom (76 px, ISAC's working box) in classes of 100, one run of the full
 schedule (``maxit`` 30 passes) per setting: ``cache_window`` 0 (resample the 3x3 grid every pass, image averages),
 2 with image averages (reuse each particle's ring spectra over a 5x5 window of centres; SPHIRE's averages: every
-member transformed), 2 with polar averages (the default: the averages made from the members' cached spectra).
+member transformed), 2 with polar averages (the averages made from the members' cached spectra), and the last
+with ISAC's within-group batch on this backend (``budget.BACKEND_PRESETS``: ISAC's default settings).
 Accuracy against the truth: a member is "aligned" when its found transform composed with its true move is its
 class's consensus (same mirror, angle within 3 degrees, shift within 1 px). Prints a table and, last, one JSON
 line.
@@ -23,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from jisac import align, devices, polar, sharding, synthetic, within_group
+from jisac import align, budget, devices, polar, sharding, synthetic, within_group
 from jisac import transforms as T
 
 devices.use_all_cpu_cores()
@@ -46,10 +47,13 @@ def main() -> None:
     parts, labels, k, moves = stack(args.n)
     mesh = sharding.data_mesh()
     options = align.AlignOptions(geometry=align.RingGeometry(ring_lengths=args.ring_lengths))
-    settings = {"uncached": (0, "image"), "cached": (2, "image"), "polar": (2, "polar")}
-    runs = {name: (lambda w=w, a=a: within_group.within_group_alignment(
-        parts, labels, k, jax.random.key(1), options, within_group.WithinGroupOptions(cache_window=w, averages=a),
-        mesh=mesh)) for name, (w, a) in settings.items()}
+    batch = budget.backend_preset("within_group_particle_batch")
+    settings = {"uncached": (0, "image", 0), "cached": (2, "image", 0), "polar": (2, "polar", 0),
+                "polar_batch": (2, "polar", batch)}
+    runs = {name: (lambda w=w, a=a, b=b: within_group.within_group_alignment(
+        parts, labels, k, jax.random.key(1), options,
+        within_group.WithinGroupOptions(cache_window=w, averages=a, particle_batch=b), mesh=mesh))
+        for name, (w, a, b) in settings.items()}
     for run in runs.values():
         run()  # compile
     times = {name: [] for name in runs}
@@ -71,7 +75,8 @@ def main() -> None:
           f"{args.ring_lengths} ({jax.devices()[0].platform}, {len(jax.devices())} devices, jax {jax.__version__})")
     print(f"  {'setting':<40} {'seconds':>8} {'particle-passes/s':>18} {'aligned':>8}")
     labels_of = {"uncached": "resample every pass, image averages", "cached": "spectrum cache 5x5, image averages",
-                 "polar": "spectrum cache 5x5, polar averages"}
+                 "polar": "spectrum cache 5x5, polar averages",
+                 "polar_batch": f"... and {batch} particles per step (ISAC's)"}
     for name in runs:
         print(f"  {labels_of[name]:<40} {seconds[name]:8.2f} {args.n * passes / seconds[name]:18.0f} "
               f"{aligned[name]:8.3f}")
@@ -83,6 +88,7 @@ def main() -> None:
         "cached_s": round(seconds["cached"], 2), "polar_s": round(seconds["polar"], 2),
         "speedup": round(seconds["uncached"] / seconds["cached"], 2),
         "polar_speedup": round(seconds["cached"] / seconds["polar"], 2),
+        "polar_batch_s": round(seconds["polar_batch"], 2), "within_group_particle_batch": batch,
         "aligned": {name: round(v, 4) for name, v in aligned.items()},
         "max_angle_diff_deg": max_angle, "mirrors_identical": same_mirror,
         "peak_rss_mb": round(rss, 1), "devices": len(jax.devices()), "platform": jax.devices()[0].platform,

@@ -59,6 +59,15 @@ def exact_segment_sum(values: Array, seg: Array, num_segments: int, exponent: Ar
     return hi, lo
 
 
+def single_limb_bits(max_terms: Array) -> Array:
+    """int32 fraction bits for fixed-point sums in one limb of at most ``max_terms`` terms per segment (values
+    scaled so that ``|value| <= 2^b``; ``within_group._polar_class_sums``): the largest ``b`` (at most
+    ``FIXED_BITS``) with ``max_terms * 2^b <= 2^30``, so the int32 sum cannot overflow (22 bits up to 256 terms,
+    20 at 1,024)."""
+    need = jnp.ceil(jnp.log2(jnp.maximum(max_terms, 1).astype(jnp.float32))).astype(jnp.int32)
+    return jnp.minimum(FIXED_BITS, 30 - need)
+
+
 def limbs_to_float(hi: Array, lo: Array, exponent: Array) -> Array:
     """float32 value of fixed-point limb sums (a deterministic function of the exact integers)."""
     total = hi.astype(jnp.float32) * jnp.float32(1 << _LO_BITS) + lo.astype(jnp.float32)

@@ -23,9 +23,9 @@ from jisac.align import chunk_sizes_for_budget, size_bucket
 # saves on a GPU (0.81-0.86x on the H100, benchmarks/bench_within_group.py).
 BACKEND_PRESETS = {
     "cpu": {"particle_batch": 4, "reference_chunk": 50, "particle_chunk": 256, "memory_budget_mb": 1024,
-            "within_group_cache_window": 2},
+            "within_group_cache_window": 2, "within_group_particle_batch": 8},
     "gpu": {"particle_batch": 128, "reference_chunk": 200, "particle_chunk": 8192, "memory_budget_mb": 4096,
-            "within_group_cache_window": 0},
+            "within_group_cache_window": 0, "within_group_particle_batch": 0},
 }
 
 

@@ -38,6 +38,8 @@ log = logging.getLogger("jisac")
 
 
 WG_STARTS = ("random", "folds")
+# MRA steps of stacks whose (n, k) table of scores and parameters fits this keep it (``mra_step``)
+MRA_TABLE_BYTES = 64 * 2**20
 
 
 class IsacParams(NamedTuple):
@@ -269,7 +271,8 @@ def generation_steps(n: int, p: IsacParams, mesh=None, budget: Budget | None = N
     options = p.align._replace(particle_batch=sizes.particle_batch, reference_chunk=sizes.reference_chunk)
     wg = within_group.WithinGroupOptions(maxit=p.maxit, fh=p.fh, ff=p.ff, dst=p.dst, max_centre=p.max_centre,
                                          cache_window=backend_preset("within_group_cache_window", platform),
-                                         averages=p.wg_averages)
+                                         averages=p.wg_averages,
+                                         particle_batch=backend_preset("within_group_particle_batch", platform))
     mask = filters.circular_mask(p.target_nx, p.target_nx, p.target_radius)
     return Steps(p, options, sizes, wg, mask, k, k_pad)
 
@@ -297,20 +300,30 @@ def mra_step(images, state: SacState, cutoff: float, steps: Steps, mesh=None) ->
     cx, cy = (np.asarray(c) for c in particle_centre(params))
     far = (np.abs(cx) > p.max_centre) | (np.abs(cy) > p.max_centre)
     params = Transform2D(*(jnp.where(far, jnp.zeros_like(f), f) for f in params))
-    # Only the (n, k) scores are kept on the host (4 bytes per pair: 0.8 GB at 200,000 x 1,000); the per-pair
-    # parameters would add 13 bytes per pair, and only the assigned pair's are used.
+    # A small stack keeps the whole (n, k) table of scores and parameters (17 bytes per pair) and takes the
+    # assigned pair's parameters from it; a large one keeps only the scores (4 bytes per pair: 0.8 GB at
+    # 200,000 x 1,000) and searches the assigned pair again (``align_to_assigned``, 1/k of the MRA's work, which
+    # for a few classes is as much as the MRA: every particle resampled again).
     masked_refs = filters.subtract_masked_mean(state.references, steps.mask)
     bank = align.prepare_references(masked_refs, options)
+    keep_table = images.shape[0] * k * 17 <= MRA_TABLE_BYTES
     # the padding references' columns are dropped here: they never reach the assignment
-    scores = align.alignment_scores(images, bank, options, params=params, mesh=mesh,
-                                    particle_chunk=steps.sizes.particle_chunk, n_references=k)
+    table = (align.alignment_table if keep_table else align.alignment_scores)(
+        images, bank, options, params=params, mesh=mesh, particle_chunk=steps.sizes.particle_chunk, n_references=k)
+    scores = table.score if keep_table else table
     del bank
-    # 3. equal-size assignment, then each particle's parameters for its class: the same search against that one
-    # reference (1/k of the MRA's work), i.e. the table's entry for the pair up to rounding.
+    # 3. equal-size assignment, then each particle's parameters for its class: the table's entry for the pair, or
+    # the same search against that one reference (the same up to rounding)
     labels = np.asarray(assign_equal_size(scores))
     del scores
-    params, _ = align.align_to_assigned(images, align.prepare_assigned_references(masked_refs, options), labels,
-                                        options, params=params, mesh=mesh, particle_chunk=steps.sizes.particle_chunk)
+    if keep_table:
+        rows = np.arange(len(labels))
+        params = Transform2D(*(jnp.asarray(np.asarray(f)[rows, labels]) for f in table.params))
+    else:
+        params, _ = align.align_to_assigned(images, align.prepare_assigned_references(masked_refs, options), labels,
+                                            options, params=params, mesh=mesh,
+                                            particle_chunk=steps.sizes.particle_chunk)
+    del table
     # 4. filtered, centred averages
     averages = average.class_averages(images, params, labels, k_pad, mesh=mesh)  # padding classes: zero images
     averages = filters.tanh_lowpass(averages, cutoff, p.ff)
@@ -346,18 +359,20 @@ def _within_group_runs(images, state: SacState, n_runs: int, steps: Steps, mesh)
     run's averages, [each run's parameters])``. With ``wg_start="folds"`` (and several runs) run ``j``'s first
     pass aligns to the averages of fold ``j`` of the members (``fold_references``) instead of those of its random
     start: independent subsets of the class, so runs of a class with no common signal still disagree."""
-    key, runs, avgs = state.key, [], None
+    key = state.key
     initial = [None] * n_runs
     if steps.p.wg_start == "folds" and n_runs > 1:
         key, k_fold = jax.random.split(key)
         initial = list(fold_references(images, state, n_runs, steps.k_pad, k_fold, mesh))
-    for first in initial:
+    keys = []
+    for _ in initial:
         key, k_run = jax.random.split(key)
-        avgs, wparams = within_group.within_group_alignment(
-            images, state.labels, steps.k_pad, k_run, steps.options, steps.wg, state.params, mesh,
-            max_particles=steps.sizes.within_group_particles, initial=first,
-        )
-        runs.append(wparams)
+        keys.append(k_run)
+    results = within_group.within_group_runs(
+        images, state.labels, steps.k_pad, keys, steps.options, steps.wg, state.params, mesh,
+        max_particles=steps.sizes.within_group_particles, initials=initial,
+    )
+    avgs, runs = results[-1][0], [wparams for _, wparams in results]
     return state._replace(key=key), avgs, runs
 
 

@@ -251,14 +251,17 @@ def rotate_spectra(spectra: Array, angle: Array, mirror: Array) -> Array:
     Returns:
         ``(..., n_rings, F)`` complex64.
     """
-    k = jnp.arange(spectra.shape[-1], dtype=jnp.float32)
+    freqs = np.arange(spectra.shape[-1])
+    k = jnp.asarray(freqs, jnp.float32)
     # the angle in turns, wrapped, so that k * angle keeps float32's precision (k up to n_angles / 2)
     turns = jnp.mod(jnp.asarray(angle, jnp.float32) / 360.0, 1.0)[..., None]
-    phase = 2 * jnp.pi * jnp.mod(k * turns, 1.0)  # (..., F)
-    ramp = jax.lax.complex(jnp.cos(phase), jnp.sin(phase))[..., None, :]
-    sign = jnp.asarray((-1.0) ** np.arange(spectra.shape[-1]), jnp.float32)
-    mirrored = jnp.conj(spectra) * jnp.conj(ramp) * sign
-    return jnp.where(jnp.asarray(mirror)[..., None, None], mirrored, spectra * ramp)
+    phase = 2 * jnp.pi * jnp.mod(k * turns, 1.0)  # (..., F): one sin/cos per frequency, shared by the rings
+    ramp = jax.lax.complex(jnp.cos(phase), jnp.sin(phase))
+    sign = jnp.asarray((-1.0) ** freqs, jnp.float32)
+    mirror = jnp.asarray(mirror)[..., None]
+    # one product per coefficient: the conjugate (mirror) or not, times the matching ramp
+    ramp = jnp.where(mirror, jnp.conj(ramp) * sign, ramp)[..., None, :]
+    return jnp.where(mirror[..., None], jnp.conj(spectra), spectra) * ramp
 
 
 _SYNTHESIS_UPSAMPLING = 4

@@ -42,6 +42,9 @@ class WithinGroupOptions(NamedTuple):
     # transformed; needs the cache); "image" transforms every member (bilinear) and adds the images, as SPHIRE
     # does. The last averages (returned) are always made as images.
     averages: str = "polar"
+    # particles per alignment/resampling step of a within-group pass (0: the AlignOptions' particle_batch). On CPU
+    # 8 measured 1.5x faster per pass than the MRA's 4 and 1.8x faster resampling (docs/benchmarks.md).
+    particle_batch: int = 0
 
 
 WG_AVERAGES = ("polar", "image")
@@ -175,27 +178,37 @@ def _cached_align(cache, k, centres, labels, spectra, use_coarse, options, coars
     )
 
 
-def _polar_class_sums(cache, k, params, seg, n_classes, geometry, wg, reduce, reduce_max):
+def _polar_sum_scales(images, seg, counts, n_classes, geometry, reduce_max):
+    """Fixed-point scales of ``_polar_class_sums``, fixed for a whole run: ``(scale, unscale)``, ``(n,)`` per
+    member and ``(n_classes,)`` per class.
+
+    A ring coefficient is at most ``n_angles`` times the largest pixel (a sum of ``n_angles`` samples, or of
+    ``m`` samples scaled by ``n_angles / m``), so each class's exponent comes from the largest pixel of its own
+    members, and its fraction bits from its member count (``average.single_limb_bits``): a class's sums are the
+    same whichever other classes share the call (``max_particles`` groups) and on any number of devices."""
+    largest = jax.ops.segment_max(jnp.max(jnp.abs(images), (1, 2)), seg, num_segments=n_classes + 1)[:n_classes]
+    exponent = average.fixed_point_exponent(reduce_max(largest) * geometry.n_angles)  # (k,)
+    bits = average.single_limb_bits(counts)
+    scale = jnp.ldexp(jnp.float32(1.0), bits - exponent)
+    scale = jnp.concatenate([scale, jnp.zeros((1,), scale.dtype)])[seg]  # non-members: 0 (their bucket is dropped)
+    return scale, jnp.ldexp(jnp.float32(1.0), exponent - bits)
+
+
+def _polar_class_sums(cache, k, params, seg, scales, n_classes, wg, reduce):
     """Class sums of the members' ring spectra, each turned into its class frame (``polar.rotate_spectra``):
-    ``(n_classes, R, F_used)`` complex64, exact fixed-point sums (the same on any number of devices).
+    ``(n_classes, R, F_used)`` complex64, exact fixed-point sums in one int32 limb (``_polar_sum_scales``).
 
     The spectra at each member's current centre are already in its window (``k``), so no image is transformed:
     this replaces the bilinear transform of every member on every pass (39 % of a call, docs/benchmarks.md).
-    Only the coefficients the band limit keeps are added."""
-    n_used = cache.shape[-1]
-    keep = np.nonzero(geometry.freq_mask()[:, :n_used].ravel())[0]
-    spec = cache[jnp.arange(cache.shape[0]), _window_index(k, wg.cache_window)]  # (n, R, F_used)
-    turned = polar.rotate_spectra(spec, params.angle, params.mirror)
-    flat = turned.reshape(turned.shape[0], -1)[:, keep]
-    values = jnp.stack([flat.real, flat.imag], -1)  # (n, C, 2)
-    member = (seg < n_classes)[:, None, None]
-    exponent = average.fixed_point_exponent(reduce_max(jnp.max(jnp.abs(jnp.where(member, values, 0.0)))))
-    hi, lo = average.exact_segment_sum(values, seg, n_classes + 1, exponent)
-    hi, lo = reduce((hi[:n_classes], lo[:n_classes]))
-    sums = average.limbs_to_float(hi, lo, exponent)
-    full = jnp.zeros((n_classes, geometry.n_rings * n_used), jnp.complex64)
-    full = full.at[:, keep].set(jax.lax.complex(sums[..., 0], sums[..., 1]))
-    return full.reshape(n_classes, geometry.n_rings, n_used)
+    (Reading only the band-limited coefficients, or scales gathered per term, measured 3x slower on XLA:CPU.)"""
+    n = cache.shape[0]
+    scale, unscale = scales
+    spec = cache[jnp.arange(n), _window_index(k, wg.cache_window)]  # (n, R, F_used)
+    turned = polar.rotate_spectra(spec, params.angle, params.mirror) * scale[:, None, None]
+    q = jnp.round(jnp.stack([turned.real, turned.imag], -1)).astype(jnp.int32)  # (n, R, F_used, 2)
+    total = reduce(jax.ops.segment_sum(q, seg, num_segments=n_classes + 1)[:n_classes])
+    sums = total.astype(jnp.float32) * unscale[:, None, None, None]
+    return jax.lax.complex(sums[..., 0], sums[..., 1])
 
 
 def cache_bytes(n: int, window: int, options: align.AlignOptions) -> int:
@@ -212,18 +225,36 @@ def _cache_window(n: int, options: align.AlignOptions, wg: WithinGroupOptions) -
     return w
 
 
-def _within_group_local(images, labels, valid, params, initial, n_classes, options, wg, axis=None):
+def _first_windows_local(images, valid, params, options, wg):
+    """The spectrum windows the first pass of a run starting at ``params``' centres resamples
+    (``_refresh_windows`` from an empty cache): ``(cache, anchor)``. They depend only on the centres, which the
+    ``stab_ali`` runs of a round share (their random starts differ in angle and mirror only), so
+    ``within_group_runs`` computes them once for all runs."""
+    n = images.shape[0]
+    n_valid = jnp.sum(valid.astype(jnp.int32))
+    cx, cy = particle_centre(params)
+    centres = jnp.clip(jnp.stack([cx, cy], -1), -wg.max_centre, wg.max_centre)
+    cache = jnp.zeros((n, (2 * wg.cache_window + 1) ** 2, options.geometry.n_rings, _n_used_freqs(options)),
+                      jnp.complex64)
+    anchor = jnp.full((n, 2), jnp.nan, jnp.float32)
+    cache, anchor, _ = _refresh_windows(images, centres, cache, anchor, options, wg, n_valid)
+    return cache, anchor
+
+
+def _within_group_local(images, labels, valid, params, initial, cache, anchor, n_classes, options, wg, axis=None):
     """The whole schedule on this device's particles; with ``axis`` (inside ``shard_map``) class sums and
     counts are summed over the devices, so every device sees the same averages. ``initial``: ``(n_classes, ny,
-    nx)`` the first pass's class averages, or a ``(0, ny, nx)`` array (the averages of the random start)."""
+    nx)`` the first pass's class averages, or a ``(0, ny, nx)`` array (the averages of the random start).
+    ``cache``, ``anchor``: the spectrum windows to start from (``_first_windows_local``), or ``(0, ...)`` arrays
+    (start empty: the first pass resamples every particle)."""
     reduce = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))  # noqa: E731
     reduce_max = (lambda x: x) if axis is None else (lambda x: jax.lax.pmax(x, axis))  # noqa: E731
     seg = jnp.where(valid & (labels >= 0), labels, n_classes)
     # Transformed images (bilinear) never exceed the largest input value: one fixed-point scale for all passes.
     max_abs = jnp.max(jnp.abs(jnp.where((seg < n_classes)[:, None, None], images, 0.0)))
     exponent = average.fixed_point_exponent(reduce_max(max_abs))
-    counts = reduce(jnp.bincount(seg, length=n_classes + 1)[:n_classes])
-    counts = jnp.maximum(counts, 1).astype(jnp.float32)
+    members = reduce(jnp.bincount(seg, length=n_classes + 1)[:n_classes])
+    counts = jnp.maximum(members, 1).astype(jnp.float32)
     safe_labels = jnp.clip(labels, 0, n_classes - 1)
     coarse = options._replace(coarse_step_deg=wg.dst)
 
@@ -235,6 +266,8 @@ def _within_group_local(images, labels, valid, params, initial, n_classes, optio
         return filters.tanh_lowpass(avg, cutoff(it), wg.ff) if lowpass else avg
 
     use_cache = wg.cache_window > 0 and _integer_grid(options)
+    if use_cache and wg.averages == "polar":
+        scales = _polar_sum_scales(images, seg, members, n_classes, options.geometry, reduce_max)
     # this device's particles come first in its rows (the padding is at the end of the whole stack)
     n_valid = jnp.sum(valid.astype(jnp.int32))
     n_used = _n_used_freqs(options)
@@ -265,7 +298,7 @@ def _within_group_local(images, labels, valid, params, initial, n_classes, optio
         centres = jnp.stack([clamp(cx), clamp(cy)], -1)
         cache, anchor, k = _refresh_windows(images, centres, cache, anchor, options, wg, n_valid)
         if wg.averages == "polar":
-            sums = _polar_class_sums(cache, k, params, seg, n_classes, options.geometry, wg, reduce, reduce_max)
+            sums = _polar_class_sums(cache, k, params, seg, scales, n_classes, wg, reduce)
             avg = polar.spectra_to_image(sums / counts[:, None, None], options.geometry, images.shape[1:])
             avg = filters.tanh_lowpass(avg, cutoff(it), wg.ff)
         else:
@@ -279,10 +312,10 @@ def _within_group_local(images, labels, valid, params, initial, n_classes, optio
 
     if use_cache:
         n = images.shape[0]
-        side = 2 * wg.cache_window + 1
-        geom = options.geometry
-        cache = jnp.zeros((n, side * side, geom.n_rings, n_used), jnp.complex64)
-        anchor = jnp.full((n, 2), jnp.nan, jnp.float32)  # no window yet: the first pass resamples everyone
+        if cache.shape[0] == 0:  # no window yet: the first pass resamples everyone
+            side = 2 * wg.cache_window + 1
+            cache = jnp.zeros((n, side * side, options.geometry.n_rings, n_used), jnp.complex64)
+            anchor = jnp.full((n, 2), jnp.nan, jnp.float32)
         params, _, _ = jax.lax.fori_loop(0, wg.maxit - 1, one_cached_pass, (params, cache, anchor))
     else:
         params = jax.lax.fori_loop(0, wg.maxit - 1, one_pass, params)
@@ -337,38 +370,79 @@ def within_group_alignment(
         ``(averages, params)``: the final low-passed class averages ``(n_classes, ny, nx)`` and the members'
         parameters ``(n,)``.
     """
+    return within_group_runs(images, labels, n_classes, [key], options, wg, params, mesh, max_particles,
+                             None if initial is None else [initial])[0]
+
+
+def within_group_runs(
+    images,
+    labels,
+    n_classes: int,
+    keys: list,
+    options: align.AlignOptions = align.AlignOptions(),
+    wg: WithinGroupOptions = WithinGroupOptions(),
+    params: Transform2D | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    max_particles: int | None = None,
+    initials: list | None = None,
+) -> list[tuple[np.ndarray, Transform2D]]:
+    """Independent ``within_group_alignment`` runs of the same classes from the same centres, one per key (and
+    per ``initials`` entry): ISAC's ``stab_ali`` runs of a stability test. The same results as one call per key;
+    the particles are put on the devices once per group of classes, and the first pass's spectrum windows (which
+    depend only on the shared centres) are resampled once for all runs when twice the cache fits
+    ``wg.cache_budget_mb``. Returns ``[(averages, params)]``, one per key."""
     n = images.shape[0]
     labels = np.asarray(labels, np.int32)
     sizes = np.bincount(labels[labels >= 0], minlength=n_classes)
     if sizes.size and sizes.max() >= average.MAX_TERMS:
         raise ValueError(f"within-group alignment: a class of {sizes.max()} members is above the exact-sum limit "
                          f"({average.MAX_TERMS}); raise isac.img_per_grp's class count (more classes)")
+    initials = [None] * len(keys) if initials is None else list(initials)
+    if len(initials) != len(keys):
+        raise ValueError(f"within_group_runs: {len(keys)} keys but {len(initials)} initial references")
     options = options._replace(normalize_particles=False)
+    if wg.particle_batch > 0:
+        options = options._replace(particle_batch=wg.particle_batch)
     n_dev = 1 if mesh is None else mesh.size
-    # The random start is drawn for the whole unpadded stack so results depend neither on padding nor on groups.
-    start = jax.tree.map(np.asarray, random_start(key, params, n))
+    # The random starts are drawn for the whole unpadded stack so results depend neither on padding nor on groups.
+    starts = [jax.tree.map(np.asarray, random_start(key, params, n)) for key in keys]
     groups = _class_groups(labels, sizes, max_particles or max(n, 1))
     padded = _padded_size(max(len(g) for g in groups), n_dev, options.particle_batch)
     wg = wg._replace(cache_window=_cache_window(padded, options, wg))
+    use_cache = wg.cache_window > 0 and _integer_grid(options)
+    # the kept first windows and a run's working copy of them must both fit the budget
+    share = (use_cache and len(keys) > 1
+             and 2 * cache_bytes(padded, wg.cache_window, options) <= wg.cache_budget_mb * 2**20)
     # check_vma off: the class-sum scan starts from a zero that is the same on every device
-    fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4 + (False,), (False, True), collectives=True,
-                                 check_vma=False, n_classes=n_classes, options=options, wg=wg)
-    first = np.zeros((0,) + tuple(images.shape[1:]), np.float32) if initial is None else np.asarray(initial, np.float32)
-    averages = np.zeros((n_classes,) + tuple(images.shape[1:]), np.float32)
-    out = Transform2D(*(np.array(f, copy=True) for f in start))
+    fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4 + (False, True, True), (False, True),
+                                 collectives=True, check_vma=False, n_classes=n_classes, options=options, wg=wg)
+    first_windows = sharding.over_particles(_first_windows_local, mesh, (True,) * 3, True, check_vma=False,
+                                            options=options, wg=wg)
+    no_first = np.zeros((0,) + tuple(images.shape[1:]), np.float32)
+    no_cache = (np.zeros((0, 1, 1, 1), np.complex64), np.zeros((0, 2), np.float32))
+    results = [(np.zeros((n_classes,) + tuple(images.shape[1:]), np.float32),
+                Transform2D(*(np.array(f, copy=True) for f in start))) for start in starts]
     for rows in groups:
         m = len(rows)
         view = RowRange(Rows(images, rows) if len(groups) > 1 else images, 0, m, padded)
         lab = pad_rows(labels[rows], padded, -1)
         valid = np.arange(padded) < m
-        st = Transform2D(*(pad_rows(f[rows], padded) for f in start))
-        avg, found = fn(*sharding.to_devices((view, lab, valid, st), mesh, (first,)))
+        dev_images, dev_labels, dev_valid = sharding.to_devices((view, lab, valid), mesh)
         in_group = np.zeros(n_classes, bool)
         in_group[np.unique(labels[rows][labels[rows] >= 0])] = True
-        averages[in_group] = np.asarray(_final_lowpass(jnp.asarray(sharding.fetch(avg)), wg.fh, wg.ff))[in_group]
-        for f_all, f in zip(out, found):
-            f_all[rows] = sharding.fetch(f)[:m]
-    return averages, Transform2D(*map(jnp.asarray, out))
+        windows = None
+        for start, first, (averages, out) in zip(starts, initials, results):
+            st = sharding.to_devices((Transform2D(*(pad_rows(f[rows], padded) for f in start)),), mesh)[0]
+            if share and windows is None:
+                windows = first_windows(dev_images, dev_valid, st)
+            cache = windows if share else sharding.to_devices(no_cache, mesh)
+            first = no_first if first is None else np.asarray(first, np.float32)
+            avg, found = fn(dev_images, dev_labels, dev_valid, st, *sharding.to_devices((), mesh, (first,)), *cache)
+            averages[in_group] = np.asarray(_final_lowpass(jnp.asarray(sharding.fetch(avg)), wg.fh, wg.ff))[in_group]
+            for f_all, f in zip(out, found):
+                f_all[rows] = sharding.fetch(f)[:m]
+        del windows
+    return [(averages, Transform2D(*map(jnp.asarray, out))) for averages, out in results]
 
 
 def _padded_size(m: int, n_dev: int, batch: int) -> int:

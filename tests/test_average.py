@@ -40,3 +40,12 @@ def test_aligned_copies_average_back_to_the_original(structured_image):
     corr = np.corrcoef(avg[0][inner], structured_image[inner])[0, 1]
     assert corr > 0.99
     assert np.all(avg[1] == 0)  # an empty class is a zero image
+
+
+def test_single_limb_bits_leave_no_room_for_overflow():
+    """One-limb fixed-point sums: ``count`` terms of at most 2^bits each stay within int32 (2^30 plus headroom),
+    with float32's 22 bits up to 256 terms."""
+    counts = np.array([1, 2, 100, 256, 257, 512, 513, 1024, 100_000])
+    bits = np.asarray(average.single_limb_bits(jnp.asarray(counts)))
+    np.testing.assert_array_equal(bits, [22, 22, 22, 22, 21, 21, 20, 20, 13])
+    assert np.all(counts.astype(np.int64) << bits.astype(np.int64) <= 1 << 30)

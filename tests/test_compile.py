@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The device programs of a generation's steps (alignment, class sums, within-group, stability): those that are
 # expensive to compile. Small element-wise programs on (n,) arrays are not counted.
-KERNELS = {"_scores_chunk", "_paired_chunk", "_chunk_sums_local", "_within_group_local", "prepare_references",
+KERNELS = {"_scores_chunk", "_table_chunk", "_paired_chunk",
+           "_chunk_sums_local", "_within_group_local", "_first_windows_local", "prepare_references",
            "prepare_assigned_references", "apply_transform", "pixel_error_stability", "_final_lowpass"}
 
 P = isac.make_params(target_radius=10, img_per_grp=4, minimum_grp_size=2, target_nx=32, maxit=4, stab_ali=2,

@@ -141,3 +141,23 @@ def test_a_run_that_accepts_nothing_still_writes_its_outputs(tmp_path):
     assert summary["accounted"] == 0 and summary["classes"] == 0
     assert (np.loadtxt(tmp_path / "particle_classes.txt")[:, 0] == 0).all()
     assert (np.loadtxt(tmp_path / "all_parameters.txt")[:, 3] == -1).all()
+
+
+def test_mra_step_takes_the_assigned_pairs_parameters_from_the_table(stack, monkeypatch):
+    """A small stack's MRA keeps the (n, k) table and takes each particle's parameters for its assigned class
+    from it; a large one searches the assigned pair again (``align_to_assigned``): the same classes, and the
+    same parameters up to float rounding."""
+    images = stack[0][:120]
+    steps = isac.generation_steps(len(images), PARAMS)
+    state = isac.start_generation(images, jax.random.key(2), steps)
+    assert len(images) * steps.k_pad * 17 <= isac.MRA_TABLE_BYTES
+    from_table = isac.mra_step(images, state, 0.2, steps)
+    monkeypatch.setattr(isac, "MRA_TABLE_BYTES", 0)
+    searched = isac.mra_step(images, state, 0.2, steps)
+    np.testing.assert_array_equal(np.asarray(from_table.labels), np.asarray(searched.labels))
+    a, b = from_table.params, searched.params
+    np.testing.assert_array_equal(np.asarray(a.mirror), np.asarray(b.mirror))
+    d = np.abs((np.asarray(a.angle) - np.asarray(b.angle) + 180) % 360 - 180)
+    assert d.max() < 1e-2
+    for f in ("shift_x", "shift_y"):
+        np.testing.assert_allclose(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)), atol=1e-3)

@@ -122,7 +122,8 @@ def test_polar_class_sums_make_the_image_average(projections50):
     k_off = jnp.zeros((n, 2), jnp.int32)  # every centre is its window's anchor
     seg = jnp.asarray(labels)
     ident = lambda x: x  # noqa: E731
-    sums = within_group._polar_class_sums(cache, k_off, params, seg, k, options.geometry, wg, ident, ident)
+    scales = within_group._polar_sum_scales(images, seg, jnp.bincount(seg, length=k), k, options.geometry, ident)
+    sums = within_group._polar_class_sums(cache, k_off, params, seg, scales, k, wg, ident)
     assert sums.shape == (k, options.geometry.n_rings, n_used)
     polar_avg = polar.spectra_to_image(sums / (n // k), options.geometry, (76, 76))
     image_avg = average.class_sums(images, params, labels, k).averages()
@@ -132,6 +133,42 @@ def test_polar_class_sums_make_the_image_average(projections50):
     diff = np.abs(lp(polar_avg) - lp(image_avg))[:, inside]
     assert diff.max() < 0.03 * np.ptp(lp(image_avg)[:, inside])
     assert np.all(np.asarray(polar_avg)[:, r >= options.geometry.last_ring + 1] == 0)
+
+
+@pytest.mark.parametrize("budget_mb", [1024, 50])
+def test_runs_together_equal_runs_alone(projections50, budget_mb, monkeypatch):
+    """``within_group_runs`` (the stab_ali runs of a round: the particles put on the devices once, the first
+    pass's spectrum windows resampled once when twice the cache fits the budget) gives each run's result alone.
+    50 MB: the windows are not shared (64 rows x 0.55 MB at w = 2 fit once, not twice)."""
+    rng = np.random.default_rng(4)
+    n = 48
+    labels = np.repeat([0, 1], n // 2)
+    q = T.make_transform(rng.uniform(0, 360, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n), rng.random(n) < .5)
+    parts = np.asarray(synthetic.add_noise(T.apply_transform(jnp.asarray(projections50[[3, 33]][labels]), q), 0.7,
+                                           jax.random.key(4)))
+    start = T.make_transform(0.0, rng.uniform(-1.5, 1.5, n), rng.uniform(-1.5, 1.5, n), False)
+    wg = within_group.WithinGroupOptions(maxit=6, cache_budget_mb=budget_mb)
+    assert within_group._cache_window(64, OPTIONS, wg) == 2
+    shared = []
+    monkeypatch.setattr(within_group, "_first_windows_local",
+                        lambda *a, _f=within_group._first_windows_local, **kw: shared.append(1) or _f(*a, **kw))
+    keys = [jax.random.key(s) for s in (11, 12, 13)]
+    together = within_group.within_group_runs(parts, labels, 2, keys, OPTIONS, wg, params=start)
+    assert bool(shared) == (budget_mb == 1024)
+    if jax.device_count() >= 2:  # the shared windows split over the devices: the same results bit for bit
+        mesh = jax.make_mesh((2,), ("data",))
+        for (a1, p1), (a2, p2) in zip(together, within_group.within_group_runs(parts, labels, 2, keys, OPTIONS, wg,
+                                                                              params=start, mesh=mesh)):
+            np.testing.assert_array_equal(a1, a2)
+            for f1, f2 in zip(p1, p2):
+                np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))
+    for key, (avg, params) in zip(keys, together):
+        alone_avg, alone = within_group.within_group_alignment(parts, labels, 2, key, OPTIONS, wg, params=start)
+        np.testing.assert_array_equal(np.asarray(params.mirror), np.asarray(alone.mirror))
+        assert np.abs(angle_difference(np.asarray(params.angle), np.asarray(alone.angle))).max() < 1e-2
+        for f in ("shift_x", "shift_y"):
+            np.testing.assert_allclose(np.asarray(getattr(params, f)), np.asarray(getattr(alone, f)), atol=1e-3)
+        np.testing.assert_allclose(avg, alone_avg, atol=1e-3 * np.abs(alone_avg).max())
 
 
 def test_cache_window_shrinks_to_fit_its_budget():
