@@ -36,7 +36,9 @@ class WithinGroupOptions(NamedTuple):
     # Ring spectra of each particle are kept for a (2w+1)^2 window of integer centres around an anchor and
     # reused while the search grid stays inside it (0: resample every pass). See ``_refresh_windows``.
     cache_window: int = 2
-    cache_budget_mb: int = 1024  # per call, all devices: the window shrinks (2 -> 1 -> none) to fit
+    # per call, all devices: the window shrinks (2 -> 1 -> none) to fit; the runs of a round share their first
+    # windows when twice the cache fits (the demo: 2 x 558 MB)
+    cache_budget_mb: int = 1536
     # How each pass's class averages are made: "polar" adds the members' cached ring spectra turned into the class
     # frame and makes the average image from them (``_polar_class_sums``, ``polar.spectra_to_image``: no member is
     # transformed; needs the cache); "image" transforms every member (bilinear) and adds the images, as SPHIRE
@@ -217,6 +219,13 @@ def cache_bytes(n: int, window: int, options: align.AlignOptions) -> int:
     return n * (2 * window + 1) ** 2 * options.geometry.n_rings * _n_used_freqs(options) * 8
 
 
+def _shares_windows(n: int, n_runs: int, options: align.AlignOptions, wg: WithinGroupOptions) -> bool:
+    """Whether ``n_runs`` runs of ``n`` rows (``wg.cache_window`` already fitted) share their first windows: the
+    kept windows and a run's working copy of them must both fit ``wg.cache_budget_mb``."""
+    use_cache = wg.cache_window > 0 and _integer_grid(options)
+    return use_cache and n_runs > 1 and 2 * cache_bytes(n, wg.cache_window, options) <= wg.cache_budget_mb * 2**20
+
+
 def _cache_window(n: int, options: align.AlignOptions, wg: WithinGroupOptions) -> int:
     """The largest window up to ``wg.cache_window`` whose cache fits ``wg.cache_budget_mb``."""
     w = wg.cache_window
@@ -225,15 +234,15 @@ def _cache_window(n: int, options: align.AlignOptions, wg: WithinGroupOptions) -
     return w
 
 
-def _first_windows_local(images, valid, params, options, wg):
-    """The spectrum windows the first pass of a run starting at ``params``' centres resamples
-    (``_refresh_windows`` from an empty cache): ``(cache, anchor)``. They depend only on the centres, which the
-    ``stab_ali`` runs of a round share (their random starts differ in angle and mirror only), so
-    ``within_group_runs`` computes them once for all runs."""
+def _first_windows_local(images, valid, centres, options, wg):
+    """The spectrum windows of a run's first pass: every particle resampled about its clamped start centre
+    (``centres`` ``(n, 2)``, the centres of the parameters the runs start from): ``(cache, anchor)``. They depend
+    only on those centres, which the ``stab_ali`` runs of a round share (their random starts differ in angle and
+    mirror only), so ``within_group_runs`` may compute them once for all runs; a run that starts without them
+    computes the same inside (``_within_group_local``)."""
     n = images.shape[0]
     n_valid = jnp.sum(valid.astype(jnp.int32))
-    cx, cy = particle_centre(params)
-    centres = jnp.clip(jnp.stack([cx, cy], -1), -wg.max_centre, wg.max_centre)
+    centres = jnp.clip(centres, -wg.max_centre, wg.max_centre)
     cache = jnp.zeros((n, (2 * wg.cache_window + 1) ** 2, options.geometry.n_rings, _n_used_freqs(options)),
                       jnp.complex64)
     anchor = jnp.full((n, 2), jnp.nan, jnp.float32)
@@ -241,12 +250,13 @@ def _first_windows_local(images, valid, params, options, wg):
     return cache, anchor
 
 
-def _within_group_local(images, labels, valid, params, initial, cache, anchor, n_classes, options, wg, axis=None):
+def _within_group_local(images, labels, valid, params, initial, cache, anchor, base, n_classes, options, wg,
+                        axis=None):
     """The whole schedule on this device's particles; with ``axis`` (inside ``shard_map``) class sums and
     counts are summed over the devices, so every device sees the same averages. ``initial``: ``(n_classes, ny,
     nx)`` the first pass's class averages, or a ``(0, ny, nx)`` array (the averages of the random start).
-    ``cache``, ``anchor``: the spectrum windows to start from (``_first_windows_local``), or ``(0, ...)`` arrays
-    (start empty: the first pass resamples every particle)."""
+    ``cache``, ``anchor``: the spectrum windows to start from (``_first_windows_local`` about ``base``, the
+    ``(n, 2)`` centres the run starts from), or ``(0, ...)`` arrays: then they are made here the same way."""
     reduce = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))  # noqa: E731
     reduce_max = (lambda x: x) if axis is None else (lambda x: jax.lax.pmax(x, axis))  # noqa: E731
     seg = jnp.where(valid & (labels >= 0), labels, n_classes)
@@ -311,11 +321,8 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, n
         return params, cache, anchor
 
     if use_cache:
-        n = images.shape[0]
-        if cache.shape[0] == 0:  # no window yet: the first pass resamples everyone
-            side = 2 * wg.cache_window + 1
-            cache = jnp.zeros((n, side * side, options.geometry.n_rings, n_used), jnp.complex64)
-            anchor = jnp.full((n, 2), jnp.nan, jnp.float32)
+        if cache.shape[0] == 0:  # the first windows, as within_group_runs makes them when the runs share them
+            cache, anchor = _first_windows_local(images, valid, base, options, wg)
         params, _, _ = jax.lax.fori_loop(0, wg.maxit - 1, one_cached_pass, (params, cache, anchor))
     else:
         params = jax.lax.fori_loop(0, wg.maxit - 1, one_pass, params)
@@ -406,15 +413,15 @@ def within_group_runs(
     n_dev = 1 if mesh is None else mesh.size
     # The random starts are drawn for the whole unpadded stack so results depend neither on padding nor on groups.
     starts = [jax.tree.map(np.asarray, random_start(key, params, n)) for key in keys]
+    # the centres every run starts from (its first spectrum windows are resampled about them)
+    base = np.zeros((n, 2), np.float32) if params is None else np.stack(
+        [np.asarray(c, np.float32) for c in particle_centre(params)], -1)
     groups = _class_groups(labels, sizes, max_particles or max(n, 1))
     padded = _padded_size(max(len(g) for g in groups), n_dev, options.particle_batch)
     wg = wg._replace(cache_window=_cache_window(padded, options, wg))
-    use_cache = wg.cache_window > 0 and _integer_grid(options)
-    # the kept first windows and a run's working copy of them must both fit the budget
-    share = (use_cache and len(keys) > 1
-             and 2 * cache_bytes(padded, wg.cache_window, options) <= wg.cache_budget_mb * 2**20)
+    share = _shares_windows(padded, len(keys), options, wg)
     # check_vma off: the class-sum scan starts from a zero that is the same on every device
-    fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4 + (False, True, True), (False, True),
+    fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4 + (False, True, True, True), (False, True),
                                  collectives=True, check_vma=False, n_classes=n_classes, options=options, wg=wg)
     first_windows = sharding.over_particles(_first_windows_local, mesh, (True,) * 3, True, check_vma=False,
                                             options=options, wg=wg)
@@ -427,17 +434,19 @@ def within_group_runs(
         view = RowRange(Rows(images, rows) if len(groups) > 1 else images, 0, m, padded)
         lab = pad_rows(labels[rows], padded, -1)
         valid = np.arange(padded) < m
-        dev_images, dev_labels, dev_valid = sharding.to_devices((view, lab, valid), mesh)
+        dev_images, dev_labels, dev_valid, dev_base = sharding.to_devices(
+            (view, lab, valid, pad_rows(base[rows], padded)), mesh)
         in_group = np.zeros(n_classes, bool)
         in_group[np.unique(labels[rows][labels[rows] >= 0])] = True
         windows = None
         for start, first, (averages, out) in zip(starts, initials, results):
             st = sharding.to_devices((Transform2D(*(pad_rows(f[rows], padded) for f in start)),), mesh)[0]
             if share and windows is None:
-                windows = first_windows(dev_images, dev_valid, st)
+                windows = first_windows(dev_images, dev_valid, dev_base)
             cache = windows if share else sharding.to_devices(no_cache, mesh)
             first = no_first if first is None else np.asarray(first, np.float32)
-            avg, found = fn(dev_images, dev_labels, dev_valid, st, *sharding.to_devices((), mesh, (first,)), *cache)
+            avg, found = fn(dev_images, dev_labels, dev_valid, st, *sharding.to_devices((), mesh, (first,)), *cache,
+                            dev_base)
             averages[in_group] = np.asarray(_final_lowpass(jnp.asarray(sharding.fetch(avg)), wg.fh, wg.ff))[in_group]
             for f_all, f in zip(out, found):
                 f_all[rows] = sharding.fetch(f)[:m]
