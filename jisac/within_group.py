@@ -226,6 +226,18 @@ def _shares_windows(n: int, n_runs: int, options: align.AlignOptions, wg: Within
     return use_cache and n_runs > 1 and 2 * cache_bytes(n, wg.cache_window, options) <= wg.cache_budget_mb * 2**20
 
 
+def _cache_group_particles(n_runs: int, options: align.AlignOptions, wg: WithinGroupOptions) -> int:
+    """Most particles per within-group call for which the spectrum cache keeps its full window (and, with several
+    runs, their shared first windows) within ``wg.cache_budget_mb``, padding's headroom (1/4) included: classes
+    are independent, so a large stack is aligned in groups of whole classes rather than without the cache (which
+    costs 3x per run; measured on 10,000 particles, docs/benchmarks.md)."""
+    if wg.cache_window == 0 or not _integer_grid(options):
+        return 1 << 62
+    copies = 2 if n_runs > 1 else 1
+    cap = wg.cache_budget_mb * 2**20 // (copies * cache_bytes(1, wg.cache_window, options))
+    return max(1, cap * 4 // 5)  # m + m // 4 <= cap: the window estimate of within_group_runs fits
+
+
 def _cache_window(n: int, options: align.AlignOptions, wg: WithinGroupOptions) -> int:
     """The largest window up to ``wg.cache_window`` whose cache fits ``wg.cache_budget_mb``."""
     w = wg.cache_window
@@ -416,10 +428,15 @@ def within_group_runs(
     # the centres every run starts from (its first spectrum windows are resampled about them)
     base = np.zeros((n, 2), np.float32) if params is None else np.stack(
         [np.asarray(c, np.float32) for c in particle_centre(params)], -1)
-    groups = _class_groups(labels, sizes, max_particles or max(n, 1))
-    padded = _padded_size(max(len(g) for g in groups), n_dev, options.particle_batch)
-    wg = wg._replace(cache_window=_cache_window(padded, options, wg))
-    share = _shares_windows(padded, len(keys), options, wg)
+    max_particles = min(max_particles or max(n, 1), _cache_group_particles(len(keys), options, wg))
+    groups = _class_groups(labels, sizes, max_particles)
+    largest = max(len(g) for g in groups)
+    padded = _padded_size(largest, n_dev, options.particle_batch)
+    # The window (which decides the numerics: cached or not, polar or image averages) from the group's particles
+    # with the padding's headroom, not from the padded rows: the same on any number of devices.
+    rows_estimate = largest + largest // 4
+    wg = wg._replace(cache_window=_cache_window(rows_estimate, options, wg))
+    share = _shares_windows(rows_estimate, len(keys), options, wg)
     # check_vma off: the class-sum scan starts from a zero that is the same on every device
     fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4 + (False, True, True, True), (False, True),
                                  collectives=True, check_vma=False, n_classes=n_classes, options=options, wg=wg)

@@ -135,12 +135,13 @@ def test_polar_class_sums_make_the_image_average(projections50):
     assert np.all(np.asarray(polar_avg)[:, r >= options.geometry.last_ring + 1] == 0)
 
 
-@pytest.mark.parametrize("budget_mb", [1024, 50])
+@pytest.mark.parametrize("budget_mb", [1024, 20])
 def test_runs_together_equal_runs_alone(projections50, budget_mb):
     """``within_group_runs`` (the stab_ali runs of a round: the particles put on the devices once, the first
     pass's spectrum windows resampled once when twice the cache fits the budget) gives each run's result alone,
     bit for bit (a run alone makes the same first windows, about the same centres).
-    50 MB: the windows are not shared (64 rows x 0.55 MB at w = 2 fit once, not twice)."""
+    20 MB: each class is its own call (the cache of 24 particles, padding's headroom included, fits once, not
+    twice) and the windows are not shared."""
     rng = np.random.default_rng(4)
     n = 48
     labels = np.repeat([0, 1], n // 2)
@@ -149,8 +150,9 @@ def test_runs_together_equal_runs_alone(projections50, budget_mb):
                                            jax.random.key(4)))
     start = T.make_transform(0.0, rng.uniform(-1.5, 1.5, n), rng.uniform(-1.5, 1.5, n), False)
     wg = within_group.WithinGroupOptions(maxit=6, cache_budget_mb=budget_mb)
-    assert within_group._cache_window(64, OPTIONS, wg) == 2
-    assert within_group._shares_windows(64, 3, OPTIONS, wg) == (budget_mb == 1024)
+    assert within_group._cache_window(30, OPTIONS, wg) == 2
+    assert within_group._shares_windows(30, 3, OPTIONS, wg) == (budget_mb == 1024)
+    assert (within_group._cache_group_particles(3, OPTIONS, wg) < n // 2) == (budget_mb == 20)
     keys = [jax.random.key(s) for s in (11, 12, 13)]
     together = within_group.within_group_runs(parts, labels, 2, keys, OPTIONS, wg, params=start)
     if jax.device_count() >= 2:  # the shared windows split over the devices: the same results bit for bit
@@ -165,6 +167,25 @@ def test_runs_together_equal_runs_alone(projections50, budget_mb):
         np.testing.assert_array_equal(avg, alone_avg)
         for f1, f2 in zip(params, alone):
             np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))
+
+
+def test_a_large_stack_keeps_the_cache_in_groups_of_classes():
+    """10,000 particles in classes of 100 with ISAC's CPU settings: the 5 stability runs go in calls of whole
+    classes that keep the full 5x5 window and share their first windows (one call of all 10,000 would have had
+    no cache at all: 5.6 GB at w = 2), within the budget with the padding's headroom."""
+    from jisac import isac
+
+    options = isac.make_params(img_per_grp=100).align
+    wg = within_group.WithinGroupOptions()
+    fit = within_group._cache_group_particles(5, options, wg)
+    labels = np.repeat(np.arange(100), 100)
+    groups = within_group._class_groups(labels, np.bincount(labels), fit)
+    largest = max(len(g) for g in groups)
+    assert 1000 <= largest <= fit and sum(len(g) for g in groups) == 10_000
+    rows = largest + largest // 4
+    assert within_group._cache_window(rows, options, wg) == 2 and within_group._shares_windows(rows, 5, options, wg)
+    assert 2 * within_group.cache_bytes(rows, 2, options) <= wg.cache_budget_mb * 2**20
+    assert within_group._cache_window(10_000, options, wg) == 0
 
 
 def test_cache_window_shrinks_to_fit_its_budget():
