@@ -219,11 +219,16 @@ def cache_bytes(n: int, window: int, options: align.AlignOptions) -> int:
     return n * (2 * window + 1) ** 2 * options.geometry.n_rings * _n_used_freqs(options) * 8
 
 
+def _uses_cache(options: align.AlignOptions, wg: WithinGroupOptions) -> bool:
+    """Whether a run keeps the spectrum cache: a window, and every candidate centre a whole pixel away."""
+    return wg.cache_window > 0 and _integer_grid(options)
+
+
 def _shares_windows(n: int, n_runs: int, options: align.AlignOptions, wg: WithinGroupOptions) -> bool:
     """Whether ``n_runs`` runs of ``n`` rows (``wg.cache_window`` already fitted) share their first windows: the
     kept windows and a run's working copy of them must both fit ``wg.cache_budget_mb``."""
-    use_cache = wg.cache_window > 0 and _integer_grid(options)
-    return use_cache and n_runs > 1 and 2 * cache_bytes(n, wg.cache_window, options) <= wg.cache_budget_mb * 2**20
+    fits_twice = 2 * cache_bytes(n, wg.cache_window, options) <= wg.cache_budget_mb * 2**20
+    return _uses_cache(options, wg) and n_runs > 1 and fits_twice
 
 
 def _cache_group_particles(n_runs: int, options: align.AlignOptions, wg: WithinGroupOptions) -> int:
@@ -231,7 +236,7 @@ def _cache_group_particles(n_runs: int, options: align.AlignOptions, wg: WithinG
     runs, their shared first windows) within ``wg.cache_budget_mb``, padding's headroom (1/4) included: classes
     are independent, so a large stack is aligned in groups of whole classes rather than without the cache (which
     costs 3x per run; measured on 10,000 particles, docs/benchmarks.md)."""
-    if wg.cache_window == 0 or not _integer_grid(options):
+    if not _uses_cache(options, wg):
         return 1 << 62
     copies = 2 if n_runs > 1 else 1
     cap = wg.cache_budget_mb * 2**20 // (copies * cache_bytes(1, wg.cache_window, options))
@@ -287,7 +292,7 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, b
         avg = _class_sums(images, params, seg, n_classes, exponent, reduce) / counts[:, None, None]
         return filters.tanh_lowpass(avg, cutoff(it), wg.ff) if lowpass else avg
 
-    use_cache = wg.cache_window > 0 and _integer_grid(options)
+    use_cache = _uses_cache(options, wg)
     if use_cache and wg.averages == "polar":
         scales = _polar_sum_scales(images, seg, members, n_classes, options.geometry, reduce_max)
     # this device's particles come first in its rows (the padding is at the end of the whole stack)
@@ -295,18 +300,19 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, b
     n_used = _n_used_freqs(options)
     clamp = lambda c: jnp.clip(c, -wg.max_centre, wg.max_centre)  # noqa: E731
 
-    def pass_inputs(params, it):
-        avg = averages(params, it)
+    def centres_of(params):  # (n, 2) search centres: the members' centres, clamped
+        cx, cy = particle_centre(params)
+        return jnp.stack([clamp(cx), clamp(cy)], -1)
+
+    def references(avg, it):  # the pass's reference spectra from its averages, and whether its search is coarse
         if initial.shape[0]:  # the first pass aligns to the given references (low-passed as that pass's averages)
             avg = jnp.where(it == 0, filters.tanh_lowpass(initial, cutoff(0), wg.ff), avg)
-        cx, cy = particle_centre(params)
-        centres = jnp.stack([clamp(cx), clamp(cy)], -1)
-        spectra = align._reference_spectra(avg, options)
         use_coarse = (wg.dst > 0) & (it % 4 == 0) & (it + 1 <= wg.maxit - 10)
-        return centres, spectra, use_coarse
+        return align._reference_spectra(avg, options), use_coarse
 
     def one_pass(it, params):
-        centres, spectra, use_coarse = pass_inputs(params, it)
+        centres = centres_of(params)
+        spectra, use_coarse = references(averages(params, it), it)
         found, _ = jax.lax.cond(
             use_coarse,
             lambda: align._paired_chunk(images, centres, safe_labels, spectra, coarse),
@@ -316,8 +322,7 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, b
 
     def one_cached_pass(it, carry):
         params, cache, anchor = carry
-        cx, cy = particle_centre(params)
-        centres = jnp.stack([clamp(cx), clamp(cy)], -1)
+        centres = centres_of(params)
         cache, anchor, k = _refresh_windows(images, centres, cache, anchor, options, wg, n_valid)
         if wg.averages == "polar":
             sums = _polar_class_sums(cache, k, params, seg, scales, n_classes, wg, reduce)
@@ -325,11 +330,9 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, b
             avg = filters.tanh_lowpass(avg, cutoff(it), wg.ff)
         else:
             avg = averages(params, it)
-        if initial.shape[0]:
-            avg = jnp.where(it == 0, filters.tanh_lowpass(initial, cutoff(0), wg.ff), avg)
-        spectra = align._reference_spectra(avg, options)[..., :n_used]
-        use_coarse = (wg.dst > 0) & (it % 4 == 0) & (it + 1 <= wg.maxit - 10)
-        params = _cached_align(cache, k, centres, safe_labels, spectra, use_coarse, options, coarse, wg, n_valid)
+        spectra, use_coarse = references(avg, it)
+        params = _cached_align(cache, k, centres, safe_labels, spectra[..., :n_used], use_coarse, options, coarse,
+                               wg, n_valid)
         return params, cache, anchor
 
     if use_cache:
@@ -443,7 +446,7 @@ def within_group_runs(
     first_windows = sharding.over_particles(_first_windows_local, mesh, (True,) * 3, True, check_vma=False,
                                             options=options, wg=wg)
     no_first = np.zeros((0,) + tuple(images.shape[1:]), np.float32)
-    no_cache = (np.zeros((0, 1, 1, 1), np.complex64), np.zeros((0, 2), np.float32))
+    no_cache = sharding.to_devices((np.zeros((0, 1, 1, 1), np.complex64), np.zeros((0, 2), np.float32)), mesh)
     results = [(np.zeros((n_classes,) + tuple(images.shape[1:]), np.float32),
                 Transform2D(*(np.array(f, copy=True) for f in start))) for start in starts]
     for rows in groups:
@@ -460,7 +463,7 @@ def within_group_runs(
             st = sharding.to_devices((Transform2D(*(pad_rows(f[rows], padded) for f in start)),), mesh)[0]
             if share and windows is None:
                 windows = first_windows(dev_images, dev_valid, dev_base)
-            cache = windows if share else sharding.to_devices(no_cache, mesh)
+            cache = windows if share else no_cache
             first = no_first if first is None else np.asarray(first, np.float32)
             avg, found = fn(dev_images, dev_labels, dev_valid, st, *sharding.to_devices((), mesh, (first,)), *cache,
                             dev_base)
