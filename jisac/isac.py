@@ -354,11 +354,12 @@ def fold_references(images, state: SacState, n_folds: int, k_pad: int, key: jax.
     return avgs.reshape(k_pad, n_folds, *avgs.shape[1:]).transpose(1, 0, 2, 3)
 
 
-def _within_group_runs(images, state: SacState, n_runs: int, steps: Steps, mesh):
+def _within_group_runs(images, state: SacState, n_runs: int, steps: Steps, mesh, with_averages: bool = True):
     """``n_runs`` independent within-group alignments of every class: ``(state with the key advanced, last
-    run's averages, [each run's parameters])``. With ``wg_start="folds"`` (and several runs) run ``j``'s first
-    pass aligns to the averages of fold ``j`` of the members (``fold_references``) instead of those of its random
-    start: independent subsets of the class, so runs of a class with no common signal still disagree."""
+    run's averages (``None`` without ``with_averages``), [each run's parameters])``. With ``wg_start="folds"``
+    (and several runs) run ``j``'s first pass aligns to the averages of fold ``j`` of the members
+    (``fold_references``) instead of those of its random start: independent subsets of the class, so runs of a
+    class with no common signal still disagree."""
     key = state.key
     initial = [None] * n_runs
     if steps.p.wg_start == "folds" and n_runs > 1:
@@ -370,7 +371,7 @@ def _within_group_runs(images, state: SacState, n_runs: int, steps: Steps, mesh)
         keys.append(k_run)
     results = within_group.within_group_runs(
         images, state.labels, steps.k_pad, keys, steps.options, steps.wg, state.params, mesh,
-        max_particles=steps.sizes.within_group_particles, initials=initial,
+        max_particles=steps.sizes.within_group_particles, initials=initial, with_averages=with_averages,
     )
     avgs, runs = results[-1][0], [wparams for _, wparams in results]
     return state._replace(key=key), avgs, runs
@@ -389,7 +390,7 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
     every class, the criterion's verdict per member, and the classes' averages of their stable members (the new
     references). Stable members take their averaged parameters, the others the last run's."""
     n, k, k_pad = images.shape[0], steps.n_classes, steps.k_pad
-    state, _, run_params = _within_group_runs(images, state, steps.p.stab_ali, steps, mesh)
+    state, _, run_params = _within_group_runs(images, state, steps.p.stab_ali, steps, mesh, with_averages=False)
     labels, key = state.labels, state.key
     index, member = _class_mask(labels, k_pad)  # padding classes: no member
     safe = np.maximum(index, 0)

@@ -251,17 +251,26 @@ def rotate_spectra(spectra: Array, angle: Array, mirror: Array) -> Array:
     Returns:
         ``(..., n_rings, F)`` complex64.
     """
-    freqs = np.arange(spectra.shape[-1])
+    angle, mirror = jnp.asarray(angle, jnp.float32), jnp.asarray(mirror)
+    # The ramp is (..., F): one sin/cos per frequency, shared by the rings. Left to itself, XLA:CPU fuses its
+    # fmod/sin/cos into the loop over every (ring, frequency) coefficient and computes them once per ring
+    # (measured 4x slower for ISAC's 29 rings); a conditional is a fusion boundary, so it is computed once.
+    ramp_of = functools.partial(_rotation_ramp, n_freqs=spectra.shape[-1])
+    ramp = jax.lax.cond(jnp.all(jnp.isfinite(angle)), ramp_of, ramp_of, angle, mirror)
+    # one product per coefficient: the conjugate (mirror) or not, times the matching ramp
+    return jnp.where(mirror[..., None, None], jnp.conj(spectra), spectra) * ramp[..., None, :]
+
+
+def _rotation_ramp(angle: Array, mirror: Array, n_freqs: int) -> Array:
+    """``(..., n_freqs)`` the factors of ``rotate_spectra``: ``e^{i k a}``, or ``(-1)^k e^{-i k a}`` mirrored."""
+    freqs = np.arange(n_freqs)
     k = jnp.asarray(freqs, jnp.float32)
     # the angle in turns, wrapped, so that k * angle keeps float32's precision (k up to n_angles / 2)
-    turns = jnp.mod(jnp.asarray(angle, jnp.float32) / 360.0, 1.0)[..., None]
-    phase = 2 * jnp.pi * jnp.mod(k * turns, 1.0)  # (..., F): one sin/cos per frequency, shared by the rings
+    turns = jnp.mod(angle / 360.0, 1.0)[..., None]
+    phase = 2 * jnp.pi * jnp.mod(k * turns, 1.0)
     ramp = jax.lax.complex(jnp.cos(phase), jnp.sin(phase))
     sign = jnp.asarray((-1.0) ** freqs, jnp.float32)
-    mirror = jnp.asarray(mirror)[..., None]
-    # one product per coefficient: the conjugate (mirror) or not, times the matching ramp
-    ramp = jnp.where(mirror, jnp.conj(ramp) * sign, ramp)[..., None, :]
-    return jnp.where(mirror[..., None], jnp.conj(spectra), spectra) * ramp
+    return jnp.where(mirror[..., None], jnp.conj(ramp) * sign, ramp)
 
 
 _SYNTHESIS_UPSAMPLING = 4

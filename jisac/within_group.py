@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jisac import align, average, filters, polar, sharding
-from jisac.rows import RowRange, Rows, pad_rows
+from jisac.rows import Rows
 from jisac.transforms import Transform2D, apply_transform, from_centre_and_angle, particle_centre
 
 Array = jax.Array
@@ -288,9 +288,9 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, b
     def cutoff(it):  # of pass it's averages: 0.1 -> fh
         return 0.1 + (wg.fh - 0.1) * it / max(wg.maxit - 1, 1)
 
-    def averages(params, it, lowpass=True):
+    def averages(params, it):
         avg = _class_sums(images, params, seg, n_classes, exponent, reduce) / counts[:, None, None]
-        return filters.tanh_lowpass(avg, cutoff(it), wg.ff) if lowpass else avg
+        return filters.tanh_lowpass(avg, cutoff(it), wg.ff)
 
     use_cache = _uses_cache(options, wg)
     if use_cache and wg.averages == "polar":
@@ -341,9 +341,21 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, b
         params, _, _ = jax.lax.fori_loop(0, wg.maxit - 1, one_cached_pass, (params, cache, anchor))
     else:
         params = jax.lax.fori_loop(0, wg.maxit - 1, one_pass, params)
-    # The last averages are low-passed outside (``_final_lowpass``): one program whatever the mesh, so they are
-    # bit-identical on any number of devices.
-    return averages(params, wg.maxit - 1, lowpass=False), params
+    return params
+
+
+def _member_averages_local(images, labels, valid, params, n_classes, axis=None):
+    """A run's last class averages (unfiltered: ``_final_lowpass`` low-passes them outside, one program whatever
+    the mesh, so they are bit-identical on any number of devices), the sums ``_within_group_local``'s image
+    averages make. Apart from the run because a stability round does not use them (ISAC keeps only the runs'
+    parameters there): only the runs whose averages are asked for pay for them."""
+    reduce = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))  # noqa: E731
+    reduce_max = (lambda x: x) if axis is None else (lambda x: jax.lax.pmax(x, axis))  # noqa: E731
+    seg = jnp.where(valid & (labels >= 0), labels, n_classes)
+    max_abs = jnp.max(jnp.abs(jnp.where((seg < n_classes)[:, None, None], images, 0.0)))
+    exponent = average.fixed_point_exponent(reduce_max(max_abs))
+    counts = jnp.maximum(reduce(jnp.bincount(seg, length=n_classes + 1)[:n_classes]), 1).astype(jnp.float32)
+    return _class_sums(images, params, seg, n_classes, exponent, reduce) / counts[:, None, None]
 
 
 @functools.partial(jax.jit, static_argnames=("fh", "ff"))
@@ -407,12 +419,14 @@ def within_group_runs(
     mesh: jax.sharding.Mesh | None = None,
     max_particles: int | None = None,
     initials: list | None = None,
-) -> list[tuple[np.ndarray, Transform2D]]:
+    with_averages: bool = True,
+) -> list[tuple[np.ndarray | None, Transform2D]]:
     """Independent ``within_group_alignment`` runs of the same classes from the same centres, one per key (and
     per ``initials`` entry): ISAC's ``stab_ali`` runs of a stability test. The same results as one call per key;
     the particles are put on the devices once per group of classes, and the first pass's spectrum windows (which
     depend only on the shared centres) are resampled once for all runs when twice the cache fits
-    ``wg.cache_budget_mb``. Returns ``[(averages, params)]``, one per key."""
+    ``wg.cache_budget_mb``. Returns ``[(averages, params)]``, one per key; the averages are ``None`` without
+    ``with_averages`` (a stability round uses only the parameters)."""
     n = images.shape[0]
     labels = np.asarray(labels, np.int32)
     sizes = np.bincount(labels[labels >= 0], minlength=n_classes)
@@ -441,35 +455,46 @@ def within_group_runs(
     wg = wg._replace(cache_window=_cache_window(rows_estimate, options, wg))
     share = _shares_windows(rows_estimate, len(keys), options, wg)
     # check_vma off: the class-sum scan starts from a zero that is the same on every device
-    fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4 + (False, True, True, True), (False, True),
+    fn = sharding.over_particles(_within_group_local, mesh, (True,) * 4 + (False, True, True, True), True,
                                  collectives=True, check_vma=False, n_classes=n_classes, options=options, wg=wg)
+    member_averages = sharding.over_particles(_member_averages_local, mesh, (True,) * 4, False, collectives=True,
+                                              check_vma=False, n_classes=n_classes)
     first_windows = sharding.over_particles(_first_windows_local, mesh, (True,) * 3, True, check_vma=False,
                                             options=options, wg=wg)
     no_first = np.zeros((0,) + tuple(images.shape[1:]), np.float32)
     no_cache = sharding.to_devices((np.zeros((0, 1, 1, 1), np.complex64), np.zeros((0, 2), np.float32)), mesh)
-    results = [(np.zeros((n_classes,) + tuple(images.shape[1:]), np.float32),
+    results = [(np.zeros((n_classes,) + tuple(images.shape[1:]), np.float32) if with_averages else None,
                 Transform2D(*(np.array(f, copy=True) for f in start))) for start in starts]
     for rows in groups:
         m = len(rows)
-        view = RowRange(Rows(images, rows) if len(groups) > 1 else images, 0, m, padded)
-        lab = pad_rows(labels[rows], padded, -1)
-        valid = np.arange(padded) < m
+        # every device gets an equal share of the real rows, its padding after them (a pass takes as long as the
+        # device with the most real rows; all padding on the last device measured 1.3x slower on 2 devices)
+        layout = _device_layout(m, padded, n_dev, options.particle_batch)
+        valid = layout >= 0
+        src = rows[np.where(valid, layout, 0)]  # stack rows; a padding row repeats the group's first particle
+
+        def lay(a, fill=0):  # a per-particle array of the stack in this call's rows, padding rows = fill
+            a = np.asarray(a)[src]
+            return np.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, np.asarray(fill, a.dtype))
+
         dev_images, dev_labels, dev_valid, dev_base = sharding.to_devices(
-            (view, lab, valid, pad_rows(base[rows], padded)), mesh)
+            (Rows(images, src), lay(labels, -1), valid, lay(base)), mesh)
         in_group = np.zeros(n_classes, bool)
         in_group[np.unique(labels[rows][labels[rows] >= 0])] = True
         windows = None
         for start, first, (averages, out) in zip(starts, initials, results):
-            st = sharding.to_devices((Transform2D(*(pad_rows(f[rows], padded) for f in start)),), mesh)[0]
+            st = sharding.to_devices((Transform2D(*(lay(f) for f in start)),), mesh)[0]
             if share and windows is None:
                 windows = first_windows(dev_images, dev_valid, dev_base)
             cache = windows if share else no_cache
             first = no_first if first is None else np.asarray(first, np.float32)
-            avg, found = fn(dev_images, dev_labels, dev_valid, st, *sharding.to_devices((), mesh, (first,)), *cache,
-                            dev_base)
-            averages[in_group] = np.asarray(_final_lowpass(jnp.asarray(sharding.fetch(avg)), wg.fh, wg.ff))[in_group]
+            found = fn(dev_images, dev_labels, dev_valid, st, *sharding.to_devices((), mesh, (first,)), *cache,
+                       dev_base)
+            if with_averages:
+                avg = sharding.fetch(member_averages(dev_images, dev_labels, dev_valid, found))
+                averages[in_group] = np.asarray(_final_lowpass(jnp.asarray(avg), wg.fh, wg.ff))[in_group]
             for f_all, f in zip(out, found):
-                f_all[rows] = sharding.fetch(f)[:m]
+                f_all[src[valid]] = sharding.fetch(f)[valid]
         del windows
     return [(averages, Transform2D(*map(jnp.asarray, out))) for averages, out in results]
 
@@ -488,6 +513,24 @@ def _padded_size(m: int, n_dev: int, batch: int) -> int:
         if local < _SUM_CHUNK or local % _SUM_CHUNK == 0:
             return local * n_dev
     return align.size_bucket(-(-per_device // step)) * step * n_dev
+
+
+def _device_layout(m: int, padded: int, n_dev: int, batch: int) -> np.ndarray:
+    """``(padded,)`` the particle (``0 .. m-1``) each row of a call holds, ``-1`` for padding: device ``d``'s
+    ``padded // n_dev`` rows start with its share of the particles, in order, and end with its padding
+    (``_within_group_local`` reads a device's real rows as its first ``n_valid``). The shares are whole
+    ``batch`` steps as evenly as possible (the last device takes the remainder), so every particle is in the
+    same step of ``batch`` particles with the same neighbours as on one device: XLA:CPU's results can depend on
+    an element's place in a vectorised loop, and the same steps keep them bit-identical on any device count."""
+    local = padded // n_dev
+    steps = -(-m // batch)
+    counts = (steps // n_dev + (np.arange(n_dev) < steps % n_dev)) * batch
+    counts = np.clip(m - np.concatenate([[0], np.cumsum(counts)[:-1]]), 0, counts)
+    if padded % n_dev or counts.max(initial=0) > local:
+        raise ValueError(f"_device_layout: {m} particles do not fit {padded} rows on {n_dev} devices")
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    j = np.arange(local)
+    return np.where(j[None] < counts[:, None], first[:, None] + j[None], -1).reshape(-1)
 
 
 def _class_groups(labels: np.ndarray, sizes: np.ndarray, max_particles: int) -> list[np.ndarray]:

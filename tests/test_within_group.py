@@ -162,6 +162,12 @@ def test_runs_together_equal_runs_alone(projections50, budget_mb):
             np.testing.assert_array_equal(a1, a2)
             for f1, f2 in zip(p1, p2):
                 np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))
+    params_only = within_group.within_group_runs(parts, labels, 2, keys, OPTIONS, wg, params=start,
+                                                 with_averages=False)
+    for (avg, params), (none, same) in zip(together, params_only):  # the averages are made apart from the runs
+        assert none is None
+        for f1, f2 in zip(params, same):
+            np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))
     for key, (avg, params) in zip(keys, together):
         alone_avg, alone = within_group.within_group_alignment(parts, labels, 2, key, OPTIONS, wg, params=start)
         np.testing.assert_array_equal(avg, alone_avg)
@@ -186,6 +192,28 @@ def test_a_large_stack_keeps_the_cache_in_groups_of_classes():
     assert within_group._cache_window(rows, options, wg) == 2 and within_group._shares_windows(rows, 5, options, wg)
     assert 2 * within_group.cache_bytes(rows, 2, options) <= wg.cache_budget_mb * 2**20
     assert within_group._cache_window(10_000, options, wg) == 0
+
+
+def test_device_layout_shares_the_particles_in_whole_steps():
+    """Each device holds an equal share of the real rows (whole steps of the particle batch, so every particle
+    keeps its step and neighbours of the one-device layout), in order, its padding after them; every particle
+    once. Before, all padding sat at the end of the stack: 800 particles in 1,024 rows put 512 on one device and
+    288 on the other, and every pass waited for the first."""
+    layout = within_group._device_layout(800, 1024, 2, 8)
+    per_device = layout.reshape(2, 512)
+    assert [int((d >= 0).sum()) for d in per_device] == [400, 400]
+    np.testing.assert_array_equal(layout[layout >= 0], np.arange(800))
+    for d in per_device:  # real rows first, then padding
+        real = int((d >= 0).sum())
+        assert np.all(d[:real] >= 0) and np.all(d[real:] == -1)
+    odd = within_group._device_layout(17, 128, 4, 4)
+    counts = [int((d >= 0).sum()) for d in odd.reshape(4, 32)]
+    assert counts == [8, 4, 4, 1]  # 5 steps of 4: 2, 1, 1, 1 steps, the last one short
+    starts = [int(d[0]) for d in odd.reshape(4, 32)]
+    assert all(s % 4 == 0 for s in starts)
+    np.testing.assert_array_equal(odd[odd >= 0], np.arange(17))
+    with pytest.raises(ValueError, match="do not fit"):
+        within_group._device_layout(100, 64, 2, 8)
 
 
 def test_cache_window_shrinks_to_fit_its_budget():
