@@ -122,11 +122,17 @@ def _refresh_windows(images, centres, cache, anchor, options, wg, n_valid):
     Within a run a particle's centre only moves by whole grid steps (``ts = 1``), so the 3x3 candidate centres
     of later passes mostly coincide with ones already resampled. Each particle keeps the spectra of a
     ``(2w+1)^2`` window of integer offsets around an anchor (``cache``: ``(n, P, R, F_used)``, ``anchor``:
-    ``(n, 2)``). Particles whose grid would leave their window (or whose centre is not a whole step from the
-    anchor, e.g. after clamping) are resampled around their current centre, ``particle_batch`` at a time (a
-    dynamic number of steps); only those are written. The spectra are those the uncached search computes (same
-    sample points up to the float rounding of the anchor arithmetic), so the results agree with
-    ``cache_window = 0``. Rows from ``n_valid`` on are padding: never resampled.
+    ``(n, 2)``). A particle whose grid would leave its window is brought back one of two ways, ``particle_batch``
+    at a time (dynamic numbers of steps; only those particles are written):
+
+    - its centre is a whole step from the anchor and at most one step beyond the window's reach: the window
+      slides one pixel towards it (in x, y or both). The ``(2w)^2`` spectra it keeps are moved, and only the new
+      edge column and row (``4w + 1`` centres, 9 of 25 at w = 2) are resampled (``_slide_plan``);
+    - otherwise (the first windows, a clamped centre): the whole window is resampled about the current centre.
+
+    The spectra are those the uncached search computes (same sample points up to the float rounding of the
+    anchor arithmetic), so the results agree with ``cache_window = 0``. Rows from ``n_valid`` on are padding:
+    never resampled.
 
     Returns ``(cache, anchor, k)``: ``k`` ``(n, 2)`` int32, each centre's offset from its anchor.
     """
@@ -136,20 +142,69 @@ def _refresh_windows(images, centres, cache, anchor, options, wg, n_valid):
     window = _window_offsets(w)
     reach = int(np.abs(np.round(options.grid.offsets())).max())
     rel = centres - anchor
-    ok = jnp.all(jnp.abs(rel - jnp.round(rel)) < 1e-3, -1) & jnp.all(jnp.abs(jnp.round(rel)) <= w - reach, -1)
-    ok = ok | (jnp.arange(n) >= n_valid)
-    stale = jnp.nonzero(~ok, size=n, fill_value=0)[0]  # padding repeats particle 0: rewriting it is harmless
-    n_steps = (jnp.sum(~ok) + b - 1) // b
+    step = jnp.round(rel)
+    whole = jnp.all(jnp.abs(rel - step) < 1e-3, -1)
+    real = jnp.arange(n) < n_valid
+    stale = real & ~(whole & jnp.all(jnp.abs(step) <= w - reach, -1))
+    slides = stale & whole & jnp.all(jnp.abs(step) <= w - reach + 1, -1)
+    full = stale & ~slides
+    shift = (step - jnp.clip(step, -(w - reach), w - reach)).astype(jnp.int32)  # (n, 2) in {-1, 0, 1}
 
-    def refresh(j, carry):
+    def rows_of(mask, j):  # the j-th batch of the rows in ``mask``; the index n past the last one (dropped)
+        rows = jnp.nonzero(mask, size=n + b, fill_value=n)[0]
+        return jax.lax.dynamic_slice_in_dim(rows, j * b, b)
+
+    def resample(j, carry):
         cache, anchor = carry
-        rows = jax.lax.dynamic_slice_in_dim(stale, j * b, b)
-        c = centres[rows]
-        cache = cache.at[rows].set(_window_spectra(images[rows], c, window, options))
-        return cache, anchor.at[rows].set(c)
+        rows = rows_of(full, j)
+        read = jnp.minimum(rows, n - 1)
+        c = centres[read]
+        cache = cache.at[rows].set(_window_spectra(images[read], c, window, options), mode="drop")
+        return cache, anchor.at[rows].set(c, mode="drop")
 
-    cache, anchor = jax.lax.fori_loop(0, n_steps, refresh, (cache, anchor))
+    def slide(j, carry):
+        cache, anchor = carry
+        rows = rows_of(slides, j)
+        read = jnp.minimum(rows, n - 1)
+        s = shift[read]
+        new_anchor = anchor[read] + s.astype(jnp.float32)
+        fresh_offsets, source = _slide_plan(s, w)  # (b, 4w+1, 2), (b, P)
+        fresh = polar.polar_spectra(images[read], new_anchor[:, None, :] + fresh_offsets, options.geometry,
+                                    normalize=options.normalize_particles)[..., : _n_used_freqs(options)]
+        both = jnp.concatenate([cache[read], fresh], 1)  # (b, P + 4w + 1, R, F_used)
+        moved = both[jnp.arange(b)[:, None], source]
+        return cache.at[rows].set(moved, mode="drop"), anchor.at[rows].set(new_anchor, mode="drop")
+
+    cache, anchor = jax.lax.fori_loop(0, (jnp.sum(full) + b - 1) // b, resample, (cache, anchor))
+    cache, anchor = jax.lax.fori_loop(0, (jnp.sum(slides) + b - 1) // b, slide, (cache, anchor))
     return cache, anchor, jnp.round(centres - anchor).astype(jnp.int32)  # within +-(w - reach)
+
+
+def _slide_plan(shift: Array, w: int) -> tuple[Array, Array]:
+    """How a ``(2w+1)^2`` window slides by ``shift`` ``(b, 2)`` (x, y in {-1, 0, 1}).
+
+    The new window's edge column (``x = w`` when sliding right or not in x, ``-w`` when sliding left) and edge
+    row (likewise in y) are resampled: ``fresh`` ``(b, 4w + 1, 2)`` their offsets from the new anchor, the
+    column's ``2w + 1`` first, then the row's ``2w`` others. Every other position's spectra are the old window's
+    at ``offset + shift``. Returns ``(fresh, source)``: ``source`` ``(b, P)`` each new position's index in the
+    old window (``< P``) or ``P + j`` for the ``j``-th fresh one.
+    """
+    side = 2 * w + 1
+    p = side * side
+    edge = jnp.where(shift >= 0, w, -w)  # (b, 2): the resampled column (x) and row (y)
+    span = jnp.arange(-w, w + 1)
+    others = jnp.sort(jnp.where(span[None, :] == edge[:, :1], w + 1, span[None, :]), -1)[:, : side - 1]  # (b, 2w)
+    column = jnp.stack([jnp.broadcast_to(edge[:, :1], (shift.shape[0], side)),
+                        jnp.broadcast_to(span, (shift.shape[0], side))], -1)
+    row = jnp.stack([others, jnp.broadcast_to(edge[:, 1:], others.shape)], -1)
+    fresh = jnp.concatenate([column, row], 1).astype(jnp.float32)  # (b, 4w + 1, 2)
+    off = jnp.asarray(_window_offsets(w), jnp.int32)  # (P, 2)
+    on_column = off[None, :, 0] == edge[:, None, 0]
+    on_row = off[None, :, 1] == edge[:, None, 1]
+    row_rank = jnp.sum(off[None, :, :1] > others[:, None, :], -1)  # rank of x among the row's others
+    old = _window_index(off[None] + shift[:, None, :], w)
+    source = jnp.where(on_column, p + off[None, :, 1] + w, jnp.where(on_row, p + side + row_rank, old))
+    return fresh, source
 
 
 def _cached_align(cache, k, centres, labels, spectra, use_coarse, options, coarse, wg, n_valid):

@@ -216,6 +216,38 @@ def test_device_layout_shares_the_particles_in_whole_steps():
         within_group._device_layout(100, 64, 2, 8)
 
 
+def test_a_window_slides_one_pixel_and_holds_the_spectra_of_a_full_resampling():
+    """A centre two whole steps from its anchor slides the window one pixel towards it (in x, y or both, either
+    way): the 16 kept spectra moved and the 9 resampled ones equal a whole window resampled about the new anchor
+    (float32 rounding); a sub-pixel move resamples the whole window about the centre; padding rows are never
+    written."""
+    options = align.AlignOptions(particle_batch=4, normalize_particles=False)
+    wg = within_group.WithinGroupOptions(cache_window=2)
+    rng = np.random.default_rng(0)
+    n = 9
+    images = jnp.asarray(rng.normal(size=(n, 76, 76)), jnp.float32)
+    anchor = jnp.asarray(rng.integers(-3, 4, (n, 2)), jnp.float32) + 0.25
+    window = within_group._window_offsets(2)
+    cache = within_group._window_spectra(images, anchor, window, options)
+    shifts = np.array([[1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [-1, -1], [1, -1], [-1, 1], [0, 0]])
+    centres = anchor + jnp.asarray(2 * shifts, jnp.float32)  # the last one stays: its window is kept as it is
+    moved, new_anchor, k = within_group._refresh_windows(images, centres, cache, anchor, options, wg, n)
+    np.testing.assert_array_equal(np.asarray(new_anchor), np.asarray(anchor) + shifts)
+    np.testing.assert_array_equal(np.asarray(k), shifts)
+    expect = np.asarray(within_group._window_spectra(images, new_anchor, window, options))
+    assert np.abs(np.asarray(moved) - expect).max() < 1e-6 * np.abs(expect).max()
+    np.testing.assert_array_equal(np.asarray(moved[-1]), np.asarray(cache[-1]))
+    off = anchor + 0.5
+    full, full_anchor, k = within_group._refresh_windows(images, off, cache, anchor, options, wg, n)
+    np.testing.assert_array_equal(np.asarray(full_anchor), np.asarray(off))
+    np.testing.assert_array_equal(np.asarray(k), 0)
+    expect = np.asarray(within_group._window_spectra(images, off, window, options))
+    assert np.abs(np.asarray(full) - expect).max() < 1e-5 * np.abs(expect).max()
+    part, part_anchor, _ = within_group._refresh_windows(images, off, cache, anchor, options, wg, 5)
+    np.testing.assert_array_equal(np.asarray(part[5:]), np.asarray(cache[5:]))
+    np.testing.assert_array_equal(np.asarray(part_anchor[5:]), np.asarray(anchor[5:]))
+
+
 def test_cache_window_shrinks_to_fit_its_budget():
     opts = align.AlignOptions()
     per_particle = within_group.cache_bytes(1, 2, opts)
