@@ -350,7 +350,7 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, b
     use_cache = _uses_cache(options, wg)
     if use_cache and wg.averages == "polar":
         scales = _polar_sum_scales(images, seg, members, n_classes, options.geometry, reduce_max)
-    # this device's particles come first in its rows (the padding is at the end of the whole stack)
+    # this device's particles come first in its rows, its padding after them (_device_layout)
     n_valid = jnp.sum(valid.astype(jnp.int32))
     n_used = _n_used_freqs(options)
     clamp = lambda c: jnp.clip(c, -wg.max_centre, wg.max_centre)  # noqa: E731
