@@ -150,13 +150,13 @@ def _refresh_windows(images, centres, cache, anchor, options, wg, n_valid):
     full = stale & ~slides
     shift = (step - jnp.clip(step, -(w - reach), w - reach)).astype(jnp.int32)  # (n, 2) in {-1, 0, 1}
 
-    def rows_of(mask, j):  # the j-th batch of the rows in ``mask``; the index n past the last one (dropped)
-        rows = jnp.nonzero(mask, size=n + b, fill_value=n)[0]
-        return jax.lax.dynamic_slice_in_dim(rows, j * b, b)
+    # the rows of each kind, then the index n (past the last row: its writes are dropped)
+    full_rows = jnp.nonzero(full, size=n + b, fill_value=n)[0]
+    slide_rows = jnp.nonzero(slides, size=n + b, fill_value=n)[0]
 
     def resample(j, carry):
         cache, anchor = carry
-        rows = rows_of(full, j)
+        rows = jax.lax.dynamic_slice_in_dim(full_rows, j * b, b)
         read = jnp.minimum(rows, n - 1)
         c = centres[read]
         cache = cache.at[rows].set(_window_spectra(images[read], c, window, options), mode="drop")
@@ -164,7 +164,7 @@ def _refresh_windows(images, centres, cache, anchor, options, wg, n_valid):
 
     def slide(j, carry):
         cache, anchor = carry
-        rows = rows_of(slides, j)
+        rows = jax.lax.dynamic_slice_in_dim(slide_rows, j * b, b)
         read = jnp.minimum(rows, n - 1)
         s = shift[read]
         new_anchor = anchor[read] + s.astype(jnp.float32)
@@ -329,13 +329,7 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, b
     nx)`` the first pass's class averages, or a ``(0, ny, nx)`` array (the averages of the random start).
     ``cache``, ``anchor``: the spectrum windows to start from (``_first_windows_local`` about ``base``, the
     ``(n, 2)`` centres the run starts from), or ``(0, ...)`` arrays: then they are made here the same way."""
-    reduce = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))  # noqa: E731
-    reduce_max = (lambda x: x) if axis is None else (lambda x: jax.lax.pmax(x, axis))  # noqa: E731
-    seg = jnp.where(valid & (labels >= 0), labels, n_classes)
-    # Transformed images (bilinear) never exceed the largest input value: one fixed-point scale for all passes.
-    max_abs = jnp.max(jnp.abs(jnp.where((seg < n_classes)[:, None, None], images, 0.0)))
-    exponent = average.fixed_point_exponent(reduce_max(max_abs))
-    members = reduce(jnp.bincount(seg, length=n_classes + 1)[:n_classes])
+    reduce, reduce_max, seg, exponent, members = _image_sum_setup(images, labels, valid, n_classes, axis)
     counts = jnp.maximum(members, 1).astype(jnp.float32)
     safe_labels = jnp.clip(labels, 0, n_classes - 1)
     coarse = options._replace(coarse_step_deg=wg.dst)
@@ -404,13 +398,24 @@ def _member_averages_local(images, labels, valid, params, n_classes, axis=None):
     the mesh, so they are bit-identical on any number of devices), the sums ``_within_group_local``'s image
     averages make. Apart from the run because a stability round does not use them (ISAC keeps only the runs'
     parameters there): only the runs whose averages are asked for pay for them."""
+    reduce, _, seg, exponent, members = _image_sum_setup(images, labels, valid, n_classes, axis)
+    counts = jnp.maximum(members, 1).astype(jnp.float32)
+    return _class_sums(images, params, seg, n_classes, exponent, reduce) / counts[:, None, None]
+
+
+def _image_sum_setup(images, labels, valid, n_classes, axis):
+    """What the exact image class sums of a call need, the same for the passes and the last averages:
+    ``(reduce, reduce_max, seg, exponent, members)``: the sum and max over the devices (``axis`` inside
+    ``shard_map``, else identities), each row's segment (``n_classes`` for padding and the unlabelled), the
+    fixed-point exponent of the members' largest pixel (transformed images, bilinear, never exceed it: one scale
+    for all passes) and the member count per class ``(n_classes,)``."""
     reduce = (lambda x: x) if axis is None else (lambda x: jax.lax.psum(x, axis))  # noqa: E731
     reduce_max = (lambda x: x) if axis is None else (lambda x: jax.lax.pmax(x, axis))  # noqa: E731
     seg = jnp.where(valid & (labels >= 0), labels, n_classes)
     max_abs = jnp.max(jnp.abs(jnp.where((seg < n_classes)[:, None, None], images, 0.0)))
     exponent = average.fixed_point_exponent(reduce_max(max_abs))
-    counts = jnp.maximum(reduce(jnp.bincount(seg, length=n_classes + 1)[:n_classes]), 1).astype(jnp.float32)
-    return _class_sums(images, params, seg, n_classes, exponent, reduce) / counts[:, None, None]
+    members = reduce(jnp.bincount(seg, length=n_classes + 1)[:n_classes])
+    return reduce, reduce_max, seg, exponent, members
 
 
 @functools.partial(jax.jit, static_argnames=("fh", "ff"))
@@ -580,10 +585,10 @@ def _device_layout(m: int, padded: int, n_dev: int, batch: int) -> np.ndarray:
     local = padded // n_dev
     steps = -(-m // batch)
     counts = (steps // n_dev + (np.arange(n_dev) < steps % n_dev)) * batch
-    counts = np.clip(m - np.concatenate([[0], np.cumsum(counts)[:-1]]), 0, counts)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    counts = np.clip(m - first, 0, counts)  # the last device with particles takes the remainder
     if padded % n_dev or counts.max(initial=0) > local:
         raise ValueError(f"_device_layout: {m} particles do not fit {padded} rows on {n_dev} devices")
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     j = np.arange(local)
     return np.where(j[None] < counts[:, None], first[:, None] + j[None], -1).reshape(-1)
 
