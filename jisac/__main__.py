@@ -1,3 +1,4 @@
-from jisac.cli import main
+from jisac.cli import exit_now, main
 
 main()
+exit_now()

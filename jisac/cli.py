@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -145,6 +146,26 @@ def _hydra_main(cfg) -> float:
     if job is not None:
         job.succeeded()
     return summary["accounted_fraction"]
+
+
+def exit_now() -> None:
+    """Ends the ``python -m jisac`` process after a run that returned normally, without JAX's exit handler.
+
+    That handler (``jax._src.api.clean_up``) clears every compiled program and backend one by one, then Python
+    frees each live object: 0.7 s of a warm demo run on a 2-core CPU (1 s under load), in a process that is
+    ending anyway. The outputs are already written (each renamed into place), the logs are flushed and closed
+    here, and a multi-process run is shut down first (``jax.distributed.shutdown``, a no-op otherwise). Only
+    ``python -m jisac`` calls this; library users and tests keep Python's normal exit, and so does a sweep
+    (``-m``: a launcher's worker processes are stopped by its own exit handlers)."""
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        return
+    import jax
+
+    jax.distributed.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:

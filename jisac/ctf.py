@@ -255,6 +255,7 @@ def ctf_weighted_sum(images: Array, ctfs: Array, weights: Array | None = None) -
     return CTFWeightedSum(jnp.sum(ctfs_w * ft, axis=0), jnp.sum(ctfs_w * ctfs, axis=0))
 
 
+@functools.partial(jax.jit, static_argnames=('shape',))
 def wiener_filter(sums: CTFWeightedSum, snr, shape: tuple[int, int]) -> Array:
     """The Wiener-filtered average ``sum CTF_i F_i / (sum CTF_i^2 + 1 / snr)`` as a ``shape`` float32 image.
 

@@ -31,6 +31,7 @@ def tanh_lowpass_response(freq: np.ndarray | Array, cutoff: float, falloff: floa
     return 0.5 * (jnp.tanh(c * (freq + cutoff)) - jnp.tanh(c * (freq - cutoff)))
 
 
+@jax.jit
 def tanh_lowpass(images: Array, cutoff, falloff) -> Array:
     """Applies the tangent low-pass by FFT multiplication (no padding, as SPHIRE).
 
@@ -43,6 +44,7 @@ def tanh_lowpass(images: Array, cutoff, falloff) -> Array:
     return jnp.fft.irfft2(jnp.fft.rfft2(images) * h, s=(ny, nx)).astype(jnp.float32)
 
 
+@jax.jit
 def fourier_shift(images: Array, shift_x, shift_y) -> Array:
     """Shifts images by ``(shift_x, shift_y)`` pixels (content moves towards +x, +y) with a phase ramp.
 
@@ -77,6 +79,7 @@ def soft_circular_mask(ny: int, nx: int, radius: float, width: float = 3.0) -> n
     return np.where(r <= radius, 1.0, edge).astype(np.float32)
 
 
+@jax.jit
 def subtract_masked_mean(images: Array, mask: np.ndarray) -> Array:
     """Subtracts from each image the mean of its pixels inside ``mask`` (SPHIRE's ``normalize.mask``, no_sigma)."""
     m = jnp.asarray(mask, jnp.float32)
@@ -93,6 +96,7 @@ def normalize_in_mask(images: Array, mask: np.ndarray) -> Array:
     return (images - mean) * jax.lax.rsqrt(jnp.maximum(var, 1e-30))
 
 
+@jax.jit
 def fourier_ring_correlation(a: Array, b: Array) -> Array:
     """FRC of image pairs ``(..., ny, nx)`` in shells of width ``1 / nx`` cycles/px: ``(..., nx // 2 + 1)``,
     shell ``s`` at frequency ``s / nx`` (0.5 = Nyquist). Empty or zero shells give 0."""
@@ -116,6 +120,7 @@ def fourier_ring_correlation(a: Array, b: Array) -> Array:
     return jnp.where(denom > 0, cross / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
+@jax.jit
 def frc_resolution(frc: Array, threshold: float, box: int) -> Array:
     """Frequency (cycles/px) where the FRC ``(..., shells)`` first falls below ``threshold`` (shell 0, the mean,
     is ignored; linear interpolation between shells). Never below ``1 / box``; 0.5 if it never falls."""

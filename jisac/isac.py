@@ -299,7 +299,7 @@ def mra_step(images, state: SacState, cutoff: float, steps: Steps, mesh=None) ->
     # 1-2. references (mean-subtracted in the mask) and multi-reference alignment about each centre
     cx, cy = (np.asarray(c) for c in particle_centre(params))
     far = (np.abs(cx) > p.max_centre) | (np.abs(cy) > p.max_centre)
-    params = Transform2D(*(jnp.where(far, jnp.zeros_like(f), f) for f in params))
+    params = Transform2D(*(np.where(far, 0, np.asarray(f)).astype(np.asarray(f).dtype) for f in params))
     # A small stack keeps the whole (n, k) table of scores and parameters (17 bytes per pair) and takes the
     # assigned pair's parameters from it; a large one keeps only the scores (4 bytes per pair: 0.8 GB at
     # 200,000 x 1,000) and searches the assigned pair again (``align_to_assigned``, 1/k of the MRA's work, which
@@ -333,7 +333,7 @@ def mra_step(images, state: SacState, cutoff: float, steps: Steps, mesh=None) ->
     _, avg_params = within_group.within_group_alignment(
         np.asarray(averages)[:k], np.zeros(k, np.int32), 1, k_common, options, steps.wg
     )
-    params = compose(params, jax.tree.map(lambda a: a[labels], avg_params))
+    params = compose(params, jax.tree.map(lambda a: np.asarray(a)[labels], avg_params))
     avg_params = Transform2D(*(_pad_classes(f, k_pad) for f in avg_params))  # padding: identity (all zero)
     references = apply_transform(jnp.asarray(averages), avg_params)
     return SacState(references, params, labels, key)
@@ -394,7 +394,8 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
     labels, key = state.labels, state.key
     index, member = _class_mask(labels, k_pad)  # padding classes: no member
     safe = np.maximum(index, 0)
-    runs = jax.tree.map(lambda *a: jnp.stack(a)[:, safe].transpose(1, 0, 2), *run_params)  # (k, L, n_max)
+    # (k, L, n_max), gathered on the host (as eager JAX ops these were 12 small programs to compile or load)
+    runs = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a])[:, safe].transpose(1, 0, 2), *run_params)
     res = criterion.score(runs, jnp.asarray(member), images=images, labels=index)
     stable = np.asarray(res.stable) & member
     params = run_params[-1]  # unstable members keep the last run's parameters
@@ -403,9 +404,10 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
     avg_labels = np.full(n, -1, np.int32)
     avg_params = Transform2D(*(np.zeros(n, np.asarray(f).dtype) for f in params))
     found = []
+    res_params, res_error = [np.asarray(a) for a in res.params], np.asarray(res.error)
     for c in range(k):
         idx = index[c][stable[c]]
-        c_params = Transform2D(*(np.asarray(a[c])[stable[c]] for a in res.params))
+        c_params = Transform2D(*(a[c][stable[c]] for a in res_params))
         avg_labels[idx] = c
         for f_all, f_c in zip(avg_params, c_params):
             f_all[idx] = f_c
@@ -413,16 +415,17 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
             pool = np.setdiff1d(index[c][member[c]], idx)
             extra = np.asarray(jax.random.permutation(jax.random.fold_in(key, c), pool))[: 5 - len(idx)]
             avg_labels[extra] = c
-        found.append((idx, c_params, np.asarray(res.error[c])[stable[c]], int(member[c].sum())))
+        found.append((idx, c_params, res_error[c][stable[c]], int(member[c].sum())))
     references = filters.tanh_lowpass(
         average.class_averages(images, avg_params, avg_labels, k_pad, mesh=mesh), steps.p.fh, steps.p.ff
     )
-    classes = tuple(ClassResult(np.asarray(references[c]), idx, c_params, errors, size)
+    host_references = np.asarray(references)
+    classes = tuple(ClassResult(host_references[c], idx, c_params, errors, size)
                     for c, (idx, c_params, errors, size) in enumerate(found))
     # stable members take their averaged parameters (already gathered in avg_params)
     is_stable = np.zeros(n, bool)
     is_stable[np.concatenate([c.members for c in classes]).astype(np.int64)] = True
-    params = Transform2D(*(jnp.where(is_stable, a, f) for a, f in zip(avg_params, params)))
+    params = Transform2D(*(np.where(is_stable, a, np.asarray(f)) for a, f in zip(avg_params, params)))
     return SacState(references, params, labels, key), classes
 
 

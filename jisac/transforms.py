@@ -26,6 +26,7 @@ model has no mirror; jisac writes the flag in its own column). ``to_relion``/``f
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -51,6 +52,7 @@ class Transform2D(NamedTuple):
     mirror: Array
 
 
+@jax.jit
 def make_transform(angle=0.0, shift_x=0.0, shift_y=0.0, mirror=False) -> Transform2D:
     """Builds a float32/bool ``Transform2D``, broadcasting all fields to a common shape."""
     angle, shift_x, shift_y, mirror = jnp.broadcast_arrays(
@@ -62,12 +64,14 @@ def make_transform(angle=0.0, shift_x=0.0, shift_y=0.0, mirror=False) -> Transfo
     return Transform2D(angle, shift_x, shift_y, mirror)
 
 
+@functools.partial(jax.jit, static_argnames=('shape',))
 def identity(shape: tuple[int, ...] = ()) -> Transform2D:
     """The identity transform, broadcast to ``shape``."""
     zeros = jnp.zeros(shape, jnp.float32)
     return Transform2D(zeros, zeros, zeros, jnp.zeros(shape, bool))
 
 
+@jax.jit
 def wrap_angle(angle: Array) -> Array:
     """Angle in degrees wrapped into [0, 360)."""
     wrapped = jnp.mod(angle, 360.0)
@@ -96,6 +100,7 @@ def to_matrix(p: Transform2D) -> Array:
     return jnp.stack(rows, -2)
 
 
+@jax.jit
 def compose(p1: Transform2D, p2: Transform2D) -> Transform2D:
     """The transform "apply ``p1``, then ``p2``" (``T_p2 o T_p1``); SPHIRE's ``combine_params2``.
 
@@ -114,6 +119,7 @@ def compose(p1: Transform2D, p2: Transform2D) -> Transform2D:
     )
 
 
+@jax.jit
 def inverse(p: Transform2D) -> Transform2D:
     """The transform that undoes ``p``: ``(-a, -R(-a) s, 0)``, or ``(a, -M_1 R(-a) s, 1)`` when mirrored."""
     rx, ry = _rotate(-p.angle, p.shift_x, p.shift_y)
@@ -125,6 +131,7 @@ def inverse(p: Transform2D) -> Transform2D:
     )
 
 
+@jax.jit
 def particle_centre(p: Transform2D) -> tuple[Array, Array]:
     """Where the particle centre lies in the raw image (pixels from the box centre): the point ``c`` with
     ``T_P(c) = 0``, i.e. ``c = -R(-angle) s`` whether or not ``P`` mirrors (the mirror fixes the origin).
@@ -137,6 +144,7 @@ def particle_centre(p: Transform2D) -> tuple[Array, Array]:
     return -rx, -ry
 
 
+@jax.jit
 def from_centre_and_angle(centre_x: Array, centre_y: Array, angle: Array, mirror: Array) -> Transform2D:
     """``compose((0, -c, 0), (angle, 0, mirror))``: rotate (and mirror) about the raw-image point ``c``.
 
@@ -150,6 +158,7 @@ def from_centre_and_angle(centre_x: Array, centre_y: Array, angle: Array, mirror
 # ----------------------------------------------------------------------------------------------- RELION
 
 
+@jax.jit
 def to_relion(p: Transform2D, pixel_size_angst: float | Array = 1.0):
     """RELION's ``(rlnAnglePsi [deg, (-180, 180]], rlnOriginXAngst, rlnOriginYAngst, mirror)`` for ``p``.
 
@@ -163,6 +172,7 @@ def to_relion(p: Transform2D, pixel_size_angst: float | Array = 1.0):
     return psi, ox * pixel_size_angst, oy * pixel_size_angst, p.mirror
 
 
+@jax.jit
 def from_relion(psi, origin_x_angst, origin_y_angst, mirror=False, pixel_size_angst=1.0) -> Transform2D:
     """Inverse of ``to_relion``: jisac parameters from RELION's psi (deg) and origins (Angstrom)."""
     psi = jnp.asarray(psi, jnp.float32)
@@ -234,6 +244,7 @@ def _bilinear_sample(image: Array, col: Array, row: Array) -> tuple[Array, Array
     return value, inside
 
 
+@jax.jit
 def bilinear_sample(image: Array, col: Array, row: Array) -> Array:
     """Bilinear samples of a ``(ny, nx)`` image at float (column, row) positions; zero outside."""
     return _bilinear_sample(image, col, row)[0]

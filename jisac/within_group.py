@@ -52,6 +52,7 @@ class WithinGroupOptions(NamedTuple):
 WG_AVERAGES = ("polar", "image")
 
 
+@functools.partial(jax.jit, static_argnames=('n',))
 def random_start(key: Array, params: Transform2D | None, n: int) -> Transform2D:
     """Random in-plane rotation and mirror about each particle's current centre (``(n,)`` fields)."""
     k_angle, k_mirror = jax.random.split(key)

@@ -161,3 +161,25 @@ def test_mra_step_takes_the_assigned_pairs_parameters_from_the_table(stack, monk
     assert d.max() < 1e-2
     for f in ("shift_x", "shift_y"):
         np.testing.assert_allclose(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)), atol=1e-3)
+
+
+def test_average_similarity_is_rotation_and_mirror_invariant_and_orders_views_together():
+    """The final order's similarity: a view rotated or mirrored scores as itself (within the bilinear
+    resampling), other views lower; the chain puts each view's copies next to each other."""
+    from jisac.transforms import apply_transform, make_transform
+
+    views = np.asarray(synthetic.known_views(3, BOX, RADIUS)[0], np.float32)
+    moves = [(0.0, False), (37.0, False), (0.0, True), (123.0, True)]
+    copies = np.stack([np.asarray(apply_transform(v, make_transform(angle=a, mirror=m)))
+                       for v in views for a, m in moves])  # 12 averages: view = index // 4
+    shuffle = np.random.default_rng(0).permutation(len(copies))
+    copies, view = copies[shuffle], (np.arange(len(copies)) // 4)[shuffle]
+    sim = pipeline.average_similarity(copies, PARAMS.align)
+    assert np.allclose(sim, sim.T) and np.allclose(np.diag(sim), 1.0, atol=1e-6)
+    same = view[:, None] == view[None]
+    assert sim[same].min() > 0.97, sim[same].min()
+    assert sim[~same].max() < sim[same].min() - 0.05, (sim[~same].max(), sim[same].min())
+    order = pipeline.order_averages(copies, PARAMS)
+    assert sorted(order) == list(range(len(copies)))
+    runs = np.count_nonzero(np.diff(view[order]) != 0) + 1
+    assert runs == 3, view[order]  # each view's four copies in one stretch of the chain

@@ -265,3 +265,24 @@ def test_killed_process_restarts_to_the_same_result(cli_stack, tmp_path):
     subprocess.run(_cli_command(cli_stack, killed), check=True, capture_output=True, timeout=600)
     for name in ("particle_classes.txt", "all_parameters.txt"):
         np.testing.assert_array_equal(np.loadtxt(killed / name), np.loadtxt(full / name))
+
+
+@pytest.mark.parametrize("argv, code", [([], 0), (["-m"], 3)])
+def test_exit_now_ends_a_single_run_at_once_and_leaves_a_sweep_to_python(tmp_path, argv, code):
+    """``python -m jisac`` ends with ``cli.exit_now``: exit status 0 with the logs and output flushed, and no
+    exit handler run (JAX's clears every cache first); a sweep (``-m``) keeps Python's exit and its handlers."""
+    log_file = tmp_path / "run.log"
+    script = (
+        "import atexit, logging, os, sys\n"
+        "from jisac import cli\n"
+        f"sys.argv = ['jisac'] + {argv!r}\n"
+        f"handler = logging.FileHandler({str(log_file)!r}); logging.getLogger('t').addHandler(handler)\n"
+        "logging.getLogger('t').warning('logged')\n"
+        "atexit.register(lambda: os._exit(3))\n"  # runs only if Python's own exit does
+        "print('printed', end='')\n"
+        "cli.exit_now()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "printed"
+    assert log_file.read_text() == "logged\n"
