@@ -52,9 +52,19 @@ class Transform2D(NamedTuple):
     mirror: Array
 
 
-@jax.jit
 def make_transform(angle=0.0, shift_x=0.0, shift_y=0.0, mirror=False) -> Transform2D:
-    """Builds a float32/bool ``Transform2D``, broadcasting all fields to a common shape."""
+    """Builds a float32/bool ``Transform2D``, broadcasting all fields to a common shape (any array-likes:
+    scalars, lists, NumPy or JAX arrays, pandas columns)."""
+    return _make_transform(*map(_as_array, (angle, shift_x, shift_y, mirror)))
+
+
+def _as_array(a):
+    """``a`` as a JAX or NumPy array (jitted functions take no lists or pandas columns)."""
+    return a if isinstance(a, jax.Array) else np.asarray(a)
+
+
+@jax.jit
+def _make_transform(angle, shift_x, shift_y, mirror) -> Transform2D:
     angle, shift_x, shift_y, mirror = jnp.broadcast_arrays(
         jnp.asarray(angle, jnp.float32),
         jnp.asarray(shift_x, jnp.float32),
@@ -172,9 +182,14 @@ def to_relion(p: Transform2D, pixel_size_angst: float | Array = 1.0):
     return psi, ox * pixel_size_angst, oy * pixel_size_angst, p.mirror
 
 
-@jax.jit
 def from_relion(psi, origin_x_angst, origin_y_angst, mirror=False, pixel_size_angst=1.0) -> Transform2D:
-    """Inverse of ``to_relion``: jisac parameters from RELION's psi (deg) and origins (Angstrom)."""
+    """Inverse of ``to_relion``: jisac parameters from RELION's psi (deg) and origins (Angstrom) (array-likes:
+    NumPy or JAX arrays, lists, pandas columns)."""
+    return _from_relion(*map(_as_array, (psi, origin_x_angst, origin_y_angst, mirror, pixel_size_angst)))
+
+
+@jax.jit
+def _from_relion(psi, origin_x_angst, origin_y_angst, mirror, pixel_size_angst) -> Transform2D:
     psi = jnp.asarray(psi, jnp.float32)
     angle = -psi
     ox = jnp.asarray(origin_x_angst, jnp.float32) / pixel_size_angst
