@@ -20,10 +20,13 @@ from jisac.align import chunk_sizes_for_budget, size_bucket
 # steps whose correlations stay in its cache (4 x 50); a GPU needs large ones to fill its multiprocessors (an
 # H100 ran 3.6x faster at 128 x 200 x 8192 than at the CPU's sizes). The within-group spectrum cache
 # (``within_group.WithinGroupOptions.cache_window``) saves resampling on a CPU (1.1-1.5x) but costs more than it
-# saves on a GPU (0.81-0.86x on the H100, benchmarks/bench_within_group.py).
+# saves on a GPU (0.81-0.86x on the H100, benchmarks/bench_within_group.py). On a CPU its 3x3 window (w = 1: the
+# search grid itself, slid on every move) beat the 5x5 one (w = 2) by 22 % per stability round of 2,000 particles
+# (same parameters): a pass reads 9 spectra per particle either way, but from 196 kB instead of 545 kB per
+# particle, and the memory traffic, not the resampling, bounds a pass (docs/benchmarks.md, session 7).
 BACKEND_PRESETS = {
     "cpu": {"particle_batch": 4, "reference_chunk": 50, "particle_chunk": 256, "memory_budget_mb": 1024,
-            "within_group_cache_window": 2, "within_group_particle_batch": 8},
+            "within_group_cache_window": 1, "within_group_particle_batch": 8},
     "gpu": {"particle_batch": 128, "reference_chunk": 200, "particle_chunk": 8192, "memory_budget_mb": 4096,
             "within_group_cache_window": 0, "within_group_particle_batch": 0},
 }

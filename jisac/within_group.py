@@ -37,7 +37,8 @@ class WithinGroupOptions(NamedTuple):
     # reused while the search grid stays inside it (0: resample every pass). See ``_refresh_windows``.
     cache_window: int = 2
     # per call, all devices: the window shrinks (2 -> 1 -> none) to fit; the runs of a round share their first
-    # windows when twice the cache fits (the demo: 2 x 558 MB)
+    # windows when twice the cache fits (the demo: 2 x 558 MB at w = 2, 2 x 201 MB at ISAC's CPU preset w = 1,
+    # ``budget.BACKEND_PRESETS``)
     cache_budget_mb: int = 1536
     # How each pass's class averages are made: "polar" adds the members' cached ring spectra turned into the class
     # frame and makes the average image from them (``_polar_class_sums``, ``polar.spectra_to_image``: no member is
