@@ -109,13 +109,17 @@ def count_compilations() -> None:
         _COUNTING.append(True)
 
 
-def compilation_stats() -> dict:
-    """Since ``count_compilations``: ``compilations`` (XLA programs compiled, persistent-cache loads excluded),
-    ``cache_hits`` (programs loaded from the persistent cache) and ``compile_seconds`` (both, wall time)."""
+def compilation_stats(since: dict | None = None) -> dict:
+    """Since ``count_compilations`` (or, with ``since``, since that earlier result of this function):
+    ``compilations`` (XLA programs compiled, persistent-cache loads excluded), ``cache_hits`` (programs loaded from
+    the persistent cache) and ``compile_seconds`` (both, wall time)."""
     with _LOCK:
         hits = _STATS["cache_hits"]
-        return {"compilations": _STATS["compilations"] - hits, "cache_hits": hits,
-                "compile_seconds": round(_STATS["compile_seconds"], 2)}
+        now = {"compilations": _STATS["compilations"] - hits, "cache_hits": hits,
+               "compile_seconds": _STATS["compile_seconds"]}
+    if since is not None:
+        now = {key: value - since[key] for key, value in now.items()}
+    return {**now, "compile_seconds": round(now["compile_seconds"], 2)}
 
 
 def compiled_programs() -> dict[str, int]:

@@ -113,6 +113,9 @@ def run(cfg: config.JisacConfig) -> dict:
 
 def _run(cfg: config.JisacConfig, rp: config.RunParams, stack, path, pixel_size: float, ctf_params, data_id: str,
          out: Path, t0: float) -> dict:
+    # this run's compilations only, also when a library or a test calls run() without the CLI's devices.setup
+    devices.count_compilations()
+    compiled_before = devices.compilation_stats()
     n, box = len(stack), stack.box_size
     mesh = devices.mesh_from_config(cfg.hardware)
     report = memory.MemoryReport()
@@ -144,7 +147,7 @@ def _run(cfg: config.JisacConfig, rp: config.RunParams, stack, path, pixel_size:
         after_generation=lambda state: _refresh_report(out),
     )
     report.record("isac")
-    compiled = devices.compilation_stats()
+    compiled = devices.compilation_stats(since=compiled_before)
     log.info("XLA: %d programs compiled, %d loaded from the compilation cache (%.1f s compiling)",
              compiled["compilations"], compiled["cache_hits"], compiled["compile_seconds"])
     timings["total"] = round(time.perf_counter() - t0, 2)

@@ -89,6 +89,21 @@ def test_padding_classes_change_nothing():
         np.testing.assert_array_equal(a.average, b.average)
 
 
+def test_compilation_stats_since_a_snapshot_count_only_what_came_after():
+    """``run.run`` reports its own compilations as the difference from a snapshot taken at its start (a library
+    caller has no ``devices.setup``; before, such a run logged a misleading "0 programs compiled")."""
+    devices.count_compilations()
+    jax.jit(lambda x: x * 2.0 - 1.0)(np.ones(3, np.float32)).block_until_ready()  # before the snapshot
+    snapshot = devices.compilation_stats()
+    # a new function: compiled, or loaded from a persistent cache another test switched on
+    jax.jit(lambda x: jax.numpy.cos(x) * 7.25 + 0.5)(np.ones(5, np.float32)).block_until_ready()
+    since = devices.compilation_stats(since=snapshot)
+    assert since["compilations"] + since["cache_hits"] == 1
+    assert since["compile_seconds"] > 0
+    total = devices.compilation_stats()
+    assert total["compilations"] + total["cache_hits"] >= 2
+
+
 def test_default_folder_is_beside_jisacs_other_caches(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert devices.default_compilation_cache() == cache.user_cache_root() / "xla"
