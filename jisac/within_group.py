@@ -34,11 +34,12 @@ class WithinGroupOptions(NamedTuple):
     dst: float = 90.0
     max_centre: float = 8.0  # search centres are clamped to +-(cnx - ou - 2) px: 8 for ISAC's 76 px box
     # Ring spectra of each particle are kept for a (2w+1)^2 window of integer centres around an anchor and
-    # reused while the search grid stays inside it (0: resample every pass). See ``_refresh_windows``.
-    cache_window: int = 2
-    # per call, all devices: the window shrinks (2 -> 1 -> none) to fit; the runs of a round share their first
-    # windows when twice the cache fits (the demo: 2 x 558 MB at w = 2, 2 x 201 MB at ISAC's CPU preset w = 1,
-    # ``budget.BACKEND_PRESETS``)
+    # reused while the search grid stays inside it (0: resample every pass). See ``_refresh_windows``. 1 (the
+    # 3x3 search grid itself, slid on every move) is ISAC's CPU preset (``budget.BACKEND_PRESETS``: 22 % faster
+    # than w = 2 on a CPU, same parameters; a GPU's preset is 0).
+    cache_window: int = 1
+    # per call, all devices: the window shrinks (w -> ... -> 1 -> none) to fit; the runs of a round share their
+    # first windows when twice the cache fits (the demo: 2 x 201 MB at w = 1, 2 x 558 MB at w = 2)
     cache_budget_mb: int = 1536
     # How each pass's class averages are made: "polar" adds the members' cached ring spectra turned into the class
     # frame and makes the average image from them (``_polar_class_sums``, ``polar.spectra_to_image``: no member is

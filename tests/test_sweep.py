@@ -19,7 +19,7 @@ from jisac import cache, synthetic, sweep
 from jisac.diskarray import DiskArray
 from jisac.io.star import write_stack_and_star
 
-BOX, RADIUS, N = 32, 12, 60  # tiny: 2-3 classes of 20-30 particles; every JAX compile counts
+BOX, RADIUS, N = 32, 12, 60  # tiny: 3-4 classes of 15-20 particles; every JAX compile counts
 TINY = ["beautify.enabled=false", "isac.radius=12", "isac.target_radius=12", "isac.target_nx=32", "isac.maxit=3",
         "isac.init_iter=1",
         "isac.stab_ali=2", "isac.main_iter_limit=1"]
@@ -36,12 +36,13 @@ def _sweep(stack, out, cache_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def first_sweep(tmp_path_factory):
-    """A 2 x 2 sweep on a fresh cache in which one combination is invalid (minimum_grp_size 25 > img_per_grp 20)."""
+    """A 2 x 2 sweep on a fresh cache in which one combination is invalid (minimum_grp_size 18 > img_per_grp 15).
+    4 and 3 classes: one class-count bucket (``align.size_bucket``), so the second run compiles nothing new."""
     folder = tmp_path_factory.mktemp("sweep")
     parts, _ = synthetic.known_view_particles(N, BOX, RADIUS, n_views=3, snr=0.5)
     stack = folder / "p.star"
     write_stack_and_star(stack, folder / "p.mrcs", parts, pixel_size=2.0)
-    proc = _sweep(stack, folder / "s1", folder / "cache", "isac.img_per_grp=20,30", "isac.minimum_grp_size=10,25")
+    proc = _sweep(stack, folder / "s1", folder / "cache", "isac.img_per_grp=15,20", "isac.minimum_grp_size=10,18")
     return stack, folder, proc
 
 
@@ -50,17 +51,17 @@ def test_sweep_writes_a_row_per_run_and_a_failed_run_is_a_failed_row(first_sweep
     out = folder / "s1"
     # the sweep went on after the failed run, wrote the summary, then exited 1 (Hydra's convention) naming it
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "run 1 failed: isac.minimum_grp_size (25) > isac.img_per_grp (20)" in proc.stderr
+    assert "run 1 failed: isac.minimum_grp_size (18) > isac.img_per_grp (15)" in proc.stderr
     assert "Traceback" not in proc.stderr
     table = pd.read_csv(out / "sweep_summary.csv", keep_default_na=False)
     assert list(table.columns) == ["job", "isac.img_per_grp", "isac.minimum_grp_size", *sweep.RESULT_COLUMNS]
     assert len(table) == 4
     assert table[["isac.img_per_grp", "isac.minimum_grp_size"]].values.tolist() == [
-        [20, 10], [20, 25], [30, 10], [30, 25]
+        [15, 10], [15, 18], [20, 10], [20, 18]
     ]
     assert table["status"].tolist() == ["ok", "failed", "ok", "ok"]
     failed = table.iloc[1]
-    assert failed["error"].startswith("isac.minimum_grp_size (25) > isac.img_per_grp (20)")
+    assert failed["error"].startswith("isac.minimum_grp_size (18) > isac.img_per_grp (15)")
     assert failed["classes"] == "" and failed["montage"] == ""
     assert json.loads((out / "1" / "status.json").read_text())["status"] == "failed"
     # each ok row carries its own run's numbers, from its own job folder
@@ -80,14 +81,14 @@ def test_sweep_writes_a_row_per_run_and_a_failed_run_is_a_failed_row(first_sweep
     assert table["cache"].tolist() == ["miss", "", "hit", "hit"]
     assert "preprocessing cache hit" in (out / "2" / "cli.log").read_text()
     markdown = (out / "sweep_summary.md").read_text()
-    assert "| 0 | 20 | 10 | ok |" in markdown and "[class_averages.png](0/class_averages.png)" in markdown
-    assert "**failed**: isac.minimum_grp_size (25)" in markdown
+    assert "| 0 | 15 | 10 | ok |" in markdown and "[class_averages.png](0/class_averages.png)" in markdown
+    assert "**failed**: isac.minimum_grp_size (18)" in markdown
     assert (out / "sweep_summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_second_sweep_hits_the_cache_and_gives_the_uncached_results(first_sweep):
     stack, folder, _ = first_sweep
-    proc = _sweep(stack, folder / "s2", folder / "cache", "isac.img_per_grp=20", "isac.minimum_grp_size=10",
+    proc = _sweep(stack, folder / "s2", folder / "cache", "isac.img_per_grp=15", "isac.minimum_grp_size=10",
                   "isac.thld_err=0.7,1.4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(folder / "s2" / "sweep_summary.csv")

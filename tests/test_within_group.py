@@ -155,7 +155,7 @@ def test_runs_together_equal_runs_alone(projections50, budget_mb):
     parts = np.asarray(synthetic.add_noise(T.apply_transform(jnp.asarray(projections50[[3, 33]][labels]), q), 0.7,
                                            jax.random.key(4)))
     start = T.make_transform(0.0, rng.uniform(-1.5, 1.5, n), rng.uniform(-1.5, 1.5, n), False)
-    wg = within_group.WithinGroupOptions(maxit=6, cache_budget_mb=budget_mb)
+    wg = within_group.WithinGroupOptions(maxit=6, cache_window=2, cache_budget_mb=budget_mb)
     assert within_group._cache_window(30, OPTIONS, wg) == 2
     assert within_group._shares_windows(30, 3, OPTIONS, wg) == (budget_mb == 1024)
     assert (within_group._cache_group_particles(3, OPTIONS, wg) < n // 2) == (budget_mb == 20)
@@ -260,7 +260,7 @@ def test_cache_window_shrinks_to_fit_its_budget():
     opts = align.AlignOptions()
     per_particle = within_group.cache_bytes(1, 2, opts)
     assert per_particle == 25 * 29 * 94 * 8  # 29 rings, frequencies 0..93 kept by the band limit
-    wg = within_group.WithinGroupOptions(cache_budget_mb=1)
+    wg = within_group.WithinGroupOptions(cache_window=2, cache_budget_mb=1)
     assert within_group._cache_window(1, opts, wg) == 2  # 0.55 MB
     assert within_group._cache_window(4, opts, wg) == 1  # 2.2 MB at w = 2, 0.78 MB at w = 1
     assert within_group._cache_window(10, opts, wg) == 0  # 1.96 MB even at w = 1: no cache
