@@ -1,8 +1,14 @@
 """Shared fixtures: small synthetic data made once per session (tests make their own data)."""
 
-import jax
-import numpy as np
-import pytest
+import os
+
+# The suite runs in two worker processes (pyproject's addopts): on a GPU machine they share the GPU, so neither
+# may take JAX's default 75 % of its memory up front. Read when the backend starts, i.e. after this.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Two CPU devices for the whole session (must precede any JAX computation): single-device code runs on the
 # first, sharded code on both (see jax_notes.md: the device count is fixed once the backend starts).
