@@ -501,7 +501,8 @@ def prepare_assigned_references(references: Array, options: AlignOptions) -> Arr
     return _reference_spectra(references, options)
 
 
-def paired_best(spec: Array, refs: Array, centres: Array, options: AlignOptions):
+def paired_best(spec: Array, refs: Array, centres: Array, options: AlignOptions, coarse: AlignOptions | None = None,
+                use_coarse: Array | bool = False):
     """Best parameters and score of each particle against its own one reference.
 
     Args:
@@ -509,6 +510,10 @@ def paired_best(spec: Array, refs: Array, centres: Array, options: AlignOptions)
         refs: ``(b, nm, R, F)`` each particle's reference, as ``prepare_assigned_references`` makes it. ``F``
             may stop below ``n_angles // 2 + 1``: the missing (band-limited) frequencies are zero.
         centres: ``(b, 2)`` current centres (x, y), pixels.
+        coarse, use_coarse: optionally a second search (``coarse_step_deg``: the within-group runs' coarse passes)
+            and a traced bool saying which one's result to return. The correlations are computed once and both
+            searches read them, so one compiled loop serves both kinds of pass (a conditional around two loops
+            compiled the alignment twice; the results are bit for bit those of the search asked for).
 
     Returns:
         ``(params, score)`` with fields of shape ``(b,)``.
@@ -524,6 +529,9 @@ def paired_best(spec: Array, refs: Array, centres: Array, options: AlignOptions)
     corr = jnp.fft.irfft(prod, n=options.geometry.n_angles, axis=-1)  # (b, s, nm, A)
     offsets = jnp.asarray(options.grid.offsets(), jnp.float32)
     params, score = _best_per_reference(corr, offsets, centres, jnp.ones((1,), bool), options)
+    if coarse is not None:
+        alt, alt_score = _best_per_reference(corr, offsets, centres, jnp.ones((1,), bool), coarse)
+        params, score = jax.tree.map(lambda f, c: jnp.where(use_coarse, c, f), (params, score), (alt, alt_score))
     return jax.tree.map(lambda a: a[:, 0], params), score[:, 0]
 
 

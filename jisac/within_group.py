@@ -219,23 +219,18 @@ def _cached_align(cache, k, centres, labels, spectra, use_coarse, options, coars
     w = wg.cache_window
     grid = np.round(options.grid.offsets()).astype(np.int32)  # (S, 2)
 
-    def batch(i, out, search):
+    def batch(i, out):
         rows = i * b + jnp.arange(b)
         idx = _window_index(k[rows][:, None, :] + grid[None], w)  # (b, S)
         spec = cache[rows[:, None], idx]  # (b, S, R, F_used)
         refs, c = spectra[labels[rows]], centres[rows]  # (b, nm, R, F_used), (b, 2)
-        found, _ = align.paired_best(spec, refs, c, search)
+        found, _ = align.paired_best(spec, refs, c, options, coarse, use_coarse)
         return jax.tree.map(lambda o, f: jax.lax.dynamic_update_slice_in_dim(o, f, i * b, 0), out, found)
 
     zeros = jnp.zeros((n,), jnp.float32)
     start = Transform2D(zeros, zeros, zeros, jnp.zeros((n,), bool))
     n_batches = (n_valid + b - 1) // b  # the padding rows after the last particle's batch are skipped
-    # one branch per pass, not per batch (a conditional per batch measured 7 % of a within-group call)
-    return jax.lax.cond(
-        use_coarse,
-        lambda: jax.lax.fori_loop(0, n_batches, lambda i, o: batch(i, o, coarse), start),
-        lambda: jax.lax.fori_loop(0, n_batches, lambda i, o: batch(i, o, options), start),
-    )
+    return jax.lax.fori_loop(0, n_batches, batch, start)
 
 
 def _polar_sum_scales(images, seg, counts, n_classes, geometry, reduce_max):
