@@ -528,23 +528,27 @@ def paired_best(spec: Array, refs: Array, centres: Array, options: AlignOptions,
     ], -1)
     corr = jnp.fft.irfft(prod, n=options.geometry.n_angles, axis=-1)  # (b, s, nm, A)
     offsets = jnp.asarray(options.grid.offsets(), jnp.float32)
-    params, score = _best_per_reference(corr, offsets, centres, jnp.ones((1,), bool), options)
+    valid = jnp.ones((1,), bool)
+    params, score = _best_per_reference(corr, offsets, centres, valid, options)
     if coarse is not None:
-        alt, alt_score = _best_per_reference(corr, offsets, centres, jnp.ones((1,), bool), coarse)
+        alt, alt_score = _best_per_reference(corr, offsets, centres, valid, coarse)
         params, score = jax.tree.map(lambda f, c: jnp.where(use_coarse, c, f), (params, score), (alt, alt_score))
     return jax.tree.map(lambda a: a[:, 0], params), score[:, 0]
 
 
-def _paired_batch(images: Array, centres: Array, labels: Array, spectra: Array, options: AlignOptions):
+def _paired_batch(images: Array, centres: Array, labels: Array, spectra: Array, options: AlignOptions,
+                  coarse: AlignOptions | None = None, use_coarse: Array | bool = False):
     spec = _particle_spectra(images, centres, options).transpose(1, 2, 3, 0)  # (b, s, R, F)
-    return paired_best(spec, spectra[labels], centres, options)
+    return paired_best(spec, spectra[labels], centres, options, coarse, use_coarse)
 
 
-@functools.partial(jax.jit, static_argnames=("options",))
-def _paired_chunk(images, centres, labels, spectra, options):
+@functools.partial(jax.jit, static_argnames=("options", "coarse"))
+def _paired_chunk(images, centres, labels, spectra, options, coarse=None, use_coarse=False):
+    """``paired_best`` of every particle at its ``centres`` (resampled here), ``particle_batch`` at a time;
+    ``coarse``, ``use_coarse`` as there."""
     n, batch = images.shape[0], options.particle_batch
     out = jax.lax.map(
-        lambda args: _paired_batch(*args, spectra, options),
+        lambda args: _paired_batch(*args, spectra, options, coarse, use_coarse),
         (
             images.reshape(n // batch, batch, *images.shape[1:]),
             centres.reshape(n // batch, batch, 2),

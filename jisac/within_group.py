@@ -360,11 +360,7 @@ def _within_group_local(images, labels, valid, params, initial, cache, anchor, b
     def one_pass(it, params):
         centres = centres_of(params)
         spectra, use_coarse = references(averages(params, it), it)
-        found, _ = jax.lax.cond(
-            use_coarse,
-            lambda: align._paired_chunk(images, centres, safe_labels, spectra, coarse),
-            lambda: align._paired_chunk(images, centres, safe_labels, spectra, options),
-        )
+        found, _ = align._paired_chunk(images, centres, safe_labels, spectra, options, coarse, use_coarse)
         return found
 
     def one_cached_pass(it, carry):
