@@ -38,6 +38,7 @@ log = logging.getLogger("jisac")
 
 
 WG_STARTS = ("random", "folds")
+UNSTABLE_REFERENCES = ("top_up", "members")
 # MRA steps of stacks whose (n, k) table of scores and parameters fits this keep it (``mra_step``)
 MRA_TABLE_BYTES = 64 * 2**20
 
@@ -76,6 +77,10 @@ class IsacParams(NamedTuple):
     # how within-group passes make their class averages: "polar" from the members' cached ring spectra (no member
     # transformed; 2x faster on CPU) or "image" (SPHIRE's: every member transformed, bilinear); within_group.py
     wg_averages: str = "polar"
+    # the next round's reference of a class with fewer than 5 stable members: "top_up" (ISAC2: the stable members
+    # topped up to 5 with random members at zero parameters) or "members" (all its members at the last stability
+    # run's parameters, so that a class still forming keeps what the within-group runs found)
+    unstable_references: str = "top_up"
     # rings 1..target_radius at SPHIRE's lengths (the engine's own default, AlignOptions(), is 256 on every ring),
     # xr/yr/ts grid, mirror
     align: align.AlignOptions = align.AlignOptions(geometry=RingGeometry(ring_lengths="sphire"))
@@ -129,6 +134,9 @@ class IsacParams(NamedTuple):
             raise ValueError(f"isac.stab_ali must be >= 2 for a stability test (got {self.stab_ali})")
         if self.wg_start not in WG_STARTS:
             raise ValueError(f"isac.wg_start must be one of {WG_STARTS} (got {self.wg_start!r})")
+        if self.unstable_references not in UNSTABLE_REFERENCES:
+            raise ValueError(f"isac.unstable_references must be one of {UNSTABLE_REFERENCES} "
+                             f"(got {self.unstable_references!r})")
         if self.wg_averages not in within_group.WG_AVERAGES:
             raise ValueError(f"isac.wg_averages must be one of {within_group.WG_AVERAGES} (got {self.wg_averages!r})")
         if not 0.0 <= self.match_quantile <= 1.0:
@@ -403,7 +411,7 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
     # zero parameters, so that it still gives a reference for the next round).
     avg_labels = np.full(n, -1, np.int32)
     avg_params = Transform2D(*(np.zeros(n, np.asarray(f).dtype) for f in params))
-    found = []
+    found, forming = [], []
     res_params, res_error = [np.asarray(a) for a in res.params], np.asarray(res.error)
     for c in range(k):
         idx = index[c][stable[c]]
@@ -411,7 +419,9 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
         avg_labels[idx] = c
         for f_all, f_c in zip(avg_params, c_params):
             f_all[idx] = f_c
-        if len(idx) < 5:
+        if len(idx) < 5 and steps.p.unstable_references == "members":
+            forming.append(c)
+        elif len(idx) < 5:
             pool = np.setdiff1d(index[c][member[c]], idx)
             extra = np.asarray(jax.random.permutation(jax.random.fold_in(key, c), pool))[: 5 - len(idx)]
             avg_labels[extra] = c
@@ -419,6 +429,13 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
     references = filters.tanh_lowpass(
         average.class_averages(images, avg_params, avg_labels, k_pad, mesh=mesh), steps.p.fh, steps.p.ff
     )
+    if forming:  # isac.unstable_references="members": these classes' references from all their members
+        in_forming = np.isin(labels, forming)
+        last = Transform2D(*(np.asarray(f) for f in params))
+        members_avg = filters.tanh_lowpass(average.class_averages(
+            images, last, np.where(in_forming, labels, -1).astype(np.int32), k_pad, mesh=mesh), steps.p.fh, steps.p.ff)
+        references = jnp.where(jnp.asarray(np.isin(np.arange(k_pad), forming))[:, None, None], members_avg,
+                               references)
     host_references = np.asarray(references)
     classes = tuple(ClassResult(host_references[c], idx, c_params, errors, size)
                     for c, (idx, c_params, errors, size) in enumerate(found))

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jisac import align, budget, cache, criteria, devices, isac
+from jisac import align, average, budget, cache, criteria, devices, filters, isac
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,3 +140,27 @@ def test_second_process_compiles_nothing(tmp_path):
     assert second["compilations"] == 0 and second["cache_hits"] == first["compilations"]
     off = _child(tmp_path, "off")  # hardware.compilation_cache=false: compiles again
     assert off["compilations"] == first["compilations"] and off["cache_hits"] == 0
+
+
+def test_unstable_classes_keep_their_members_average_as_reference():
+    """``isac.unstable_references="members"``: a class with fewer than 5 stable members takes the average of all
+    its members at the last stability run's parameters as its next reference, instead of ISAC2's top-up of random
+    members at zero parameters; stable sets and parameters are those of ISAC2. (Here, beside ``_generation``, so
+    that it reuses its compiled programs.)"""
+    images = np.random.default_rng(7).normal(size=(40, 32, 32)).astype(np.float32)
+    crit = criteria.pixel_error_criterion(1e-4, float(P.target_radius))  # noise at a tiny threshold: none stable
+    out = {}
+    for mode in isac.UNSTABLE_REFERENCES:
+        steps = isac.generation_steps(40, P._replace(unstable_references=mode))
+        state = isac.start_generation(images, jax.random.key(3), steps)
+        state = isac.mra_step(images, state, 0.2, steps)
+        out[mode] = isac.stability_round(images, state, steps, crit)
+    (top, top_classes), (mem, mem_classes) = out["top_up"], out["members"]
+    assert all(len(c.members) == 0 for c in top_classes + mem_classes)
+    for a, b in zip(top.params, mem.params):  # the same runs: the same parameters
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    k = len(mem_classes)
+    expected = filters.tanh_lowpass(average.class_averages(images, mem.params, mem.labels, k), P.fh, P.ff)
+    np.testing.assert_allclose(np.asarray(mem.references)[:k], np.asarray(expected), atol=1e-5)
+    # ISAC2's top-up averages 5 random members at zero parameters: far from the average of all 10
+    assert np.abs(np.asarray(top.references)[:k] - np.asarray(expected)).max() > 1e-3

@@ -72,6 +72,7 @@ VARIANTS = {
     "isac2": ["stability=pixel_error"],
     "resolution": ["stability=resolution"],
     "reproducibility": ["stability=reproducibility"],
+    "members": ["stability=pixel_error", "isac.unstable_references=members"],
 }
 
 
