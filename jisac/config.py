@@ -66,6 +66,8 @@ class IsacConfig:
     # ring spectra, 2x faster on CPU) or image (SPHIRE's: every member transformed)
     unstable_references: str = _ISAC.unstable_references  # next round's reference of a class with < 5 stable
     # members: top_up (ISAC2: topped up with 5 random members) or members (all members, last stability run's params)
+    next_references: str = _ISAC.next_references  # a later generation's first references: random (ISAC2: random
+    # particles) or unaccepted (the last generation's unaccepted class averages, most stable members first)
 
 
 @dataclass
@@ -307,7 +309,7 @@ def isac_params(cfg: JisacConfig, n_particles: int | None = None) -> isac.IsacPa
         fl=c.fl, fh=c.fh, ff=c.ff, init_iter=c.init_iter, iter_reali=c.iter_reali, stab_ali=c.stab_ali,
         thld_err=c.thld_err, main_iter_limit=c.main_iter_limit, matching=c.matching,
         match_quantile=c.match_quantile, wg_start=c.wg_start, wg_averages=c.wg_averages,
-        unstable_references=c.unstable_references,
+        unstable_references=c.unstable_references, next_references=c.next_references,
         align=AlignOptions(geometry=geometry, grid=grid),
     )
     p.validate(n_particles)

@@ -39,6 +39,7 @@ log = logging.getLogger("jisac")
 
 WG_STARTS = ("random", "folds")
 UNSTABLE_REFERENCES = ("top_up", "members")
+NEXT_REFERENCES = ("random", "unaccepted")
 # MRA steps of stacks whose (n, k) table of scores and parameters fits this keep it (``mra_step``)
 MRA_TABLE_BYTES = 64 * 2**20
 
@@ -81,6 +82,10 @@ class IsacParams(NamedTuple):
     # topped up to 5 with random members at zero parameters) or "members" (all its members at the last stability
     # run's parameters, so that a class still forming keeps what the within-group runs found)
     unstable_references: str = "top_up"
+    # a later generation's first references: "random" (ISAC2: particles of its pool drawn at random) or
+    # "unaccepted" (the previous generation's unaccepted class averages, the classes with most stable members first,
+    # then random particles), so that classes still forming when a generation ended go on forming
+    next_references: str = "random"
     # rings 1..target_radius at SPHIRE's lengths (the engine's own default, AlignOptions(), is 256 on every ring),
     # xr/yr/ts grid, mirror
     align: align.AlignOptions = align.AlignOptions(geometry=RingGeometry(ring_lengths="sphire"))
@@ -137,6 +142,8 @@ class IsacParams(NamedTuple):
         if self.unstable_references not in UNSTABLE_REFERENCES:
             raise ValueError(f"isac.unstable_references must be one of {UNSTABLE_REFERENCES} "
                              f"(got {self.unstable_references!r})")
+        if self.next_references not in NEXT_REFERENCES:
+            raise ValueError(f"isac.next_references must be one of {NEXT_REFERENCES} (got {self.next_references!r})")
         if self.wg_averages not in within_group.WG_AVERAGES:
             raise ValueError(f"isac.wg_averages must be one of {within_group.WG_AVERAGES} (got {self.wg_averages!r})")
         if not 0.0 <= self.match_quantile <= 1.0:
@@ -285,11 +292,16 @@ def generation_steps(n: int, p: IsacParams, mesh=None, budget: Budget | None = N
     return Steps(p, options, sizes, wg, mask, k, k_pad)
 
 
-def start_generation(images, key: jax.Array, steps: Steps) -> SacState:
-    """Initial references: ``k`` particles drawn at random (without replacement) from the generation's key."""
+def start_generation(images, key: jax.Array, steps: Steps, seeds: np.ndarray | None = None) -> SacState:
+    """Initial references: ``k`` particles drawn at random (without replacement) from the generation's key; with
+    ``seeds`` ``(m, nx, nx)`` (``isac.next_references="unaccepted"``) the first ``min(m, k)`` references are those
+    instead (the same draw for the rest, so a run without seeds is unchanged)."""
     n = images.shape[0]
     k_init, key = jax.random.split(key)
     references = jnp.asarray(images[np.asarray(jax.random.choice(k_init, n, (steps.n_classes,), replace=False))])
+    if seeds is not None and len(seeds):
+        m = min(len(seeds), steps.n_classes)
+        references = references.at[:m].set(jnp.asarray(seeds[:m], references.dtype))
     return SacState(_pad_classes(references, steps.k_pad), identity((n,)), np.zeros(n, np.int32), key)
 
 
@@ -462,6 +474,7 @@ def run_generation(
     criterion: criteria.Criterion | None = None,
     budget: Budget | None = None,
     name: str = "generation",
+    seeds: np.ndarray | None = None,
 ) -> GenerationResult:
     """One ISAC generation on the working set ``images`` ``(n, nx, nx)`` (normalised, 76 px by default; NumPy,
     a stack on disk (``jisac.diskarray.DiskArray``) or a lazy ``rows.Rows`` view): SAC rounds of ``mra_step``
@@ -473,7 +486,7 @@ def run_generation(
     ``criterion``: a stability criterion (``criteria.make_criterion``); default ISAC2's pixel error with
     ``p.thld_err`` and the particle radius ``p.target_radius``. ``budget``: memory budgets that set the chunk
     sizes (``budget.plan``; default: the backend's presets); results do not depend on it, nor on the mesh's
-    device count.
+    device count. ``seeds``: first references instead of random particles (``start_generation``).
     """
     if criterion is None:
         criterion = criteria.pixel_error_criterion(p.thld_err, float(p.target_radius))
@@ -481,7 +494,7 @@ def run_generation(
     say = progress or (lambda msg: None)
     n = images.shape[0]
     steps = generation_steps(n, p, mesh, budget)
-    state = start_generation(images, key, steps)
+    state = start_generation(images, key, steps, seeds)
     previous, prev_agreement = None, 0.0
     classes: tuple[ClassResult, ...] = ()
     converged = False
@@ -522,6 +535,8 @@ class IsacState(NamedTuple):
     frame, relative to the pre-aligned image (SPHIRE's ``all_parameters.txt``); ``class_of`` is the 0-based
     accepted class (-1: unaccounted). Per accepted class (in acceptance order): ``averages``, ``members`` and
     ``candidates`` (the class's size when it was tested); ``history`` has one dict per finished generation.
+    ``seeds``: ``(m, nx, nx)`` the last generation's unaccepted class averages that start the next one
+    (``isac.next_references="unaccepted"``), ``None`` otherwise.
     """
 
     generation: int
@@ -535,6 +550,7 @@ class IsacState(NamedTuple):
     history: tuple
     empty_generations: int = 0
     done: bool = False
+    seeds: np.ndarray | None = None
 
     @classmethod
     def start(cls, n: int) -> "IsacState":
@@ -605,7 +621,19 @@ def accept_generation(state: IsacState, result: GenerationResult, work_idx: np.n
         generation=g, pool=pool, averages=tuple(averages), members=tuple(members), candidates=tuple(candidates),
         params=params, errors=errors, class_of=class_of, history=state.history + (row,), empty_generations=empty,
         done=not keep_going(p, g, len(pool), len(result.accepted), empty),
+        seeds=unaccepted_averages(result) if p.next_references == "unaccepted" else None,
     )
+
+
+def unaccepted_averages(result: GenerationResult) -> np.ndarray:
+    """``(m, nx, nx)`` the generation's unaccepted class averages (its last references), the classes with the
+    most stable members first (ties: class order): where ``isac.next_references="unaccepted"`` starts the next
+    generation."""
+    failed = [c for c in range(len(result.classes)) if c not in set(result.accepted)]
+    order = sorted(failed, key=lambda c: -len(result.classes[c].members))  # stable sort: ties keep class order
+    if not order:
+        return np.zeros((0,) + np.shape(result.classes[0].average), np.float32) if result.classes else None
+    return np.stack([np.asarray(result.classes[c].average, np.float32) for c in order])
 
 
 def _matching_options(p: IsacParams, n_references: int, mesh, budget: Budget | None) -> align.AlignOptions:
@@ -664,7 +692,7 @@ def run_isac(
         say(note(f"generation {g}: {len(work_idx)} particles in {len(work_idx) // p.img_per_grp} classes"))
         working = rows.take_rows(images, work_idx)
         result = run_generation(working, jax.random.fold_in(root, g), p, mesh, progress, criterion, budget,
-                                name=f"generation {g}")
+                                name=f"generation {g}", seeds=state.seeds)
         state = accept_generation(state, result, work_idx, p)
         say(note(f"generation {g}: accepted {len(result.accepted)}/{len(result.classes)} classes, "
             f"{state.history[-1]['accounted']} particles; accounted so far {state.accounted}/{n} "

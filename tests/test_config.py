@@ -40,6 +40,7 @@ REACHES = {
     "isac.wg_start": ("folds", lambda r: r.isac.wg_start),
     "isac.wg_averages": ("image", lambda r: r.isac.wg_averages),
     "isac.unstable_references": ("members", lambda r: r.isac.unstable_references),
+    "isac.next_references": ("unaccepted", lambda r: r.isac.next_references),
     "align.first_ring": (2, lambda r: r.isac.align.geometry.first_ring),
     "align.ring_step": (2, lambda r: r.isac.align.geometry.ring_step),
     "align.n_angles": (128, lambda r: r.isac.align.geometry.n_angles),
@@ -129,6 +130,7 @@ def test_schema_defaults_are_the_parameter_objects_defaults():
     ("isac.wg_start", "fold", "isac.wg_start must be one of"),
     ("isac.wg_averages", "polr", "isac.wg_averages must be one of"),
     ("isac.unstable_references", "all", "isac.unstable_references must be one of"),
+    ("isac.next_references", "failed", "isac.next_references must be one of"),
 ])
 def test_a_bad_value_is_refused_naming_its_key(key, value, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):

@@ -183,3 +183,36 @@ def test_average_similarity_is_rotation_and_mirror_invariant_and_orders_views_to
     assert sorted(order) == list(range(len(copies)))
     runs = np.count_nonzero(np.diff(view[order]) != 0) + 1
     assert runs == 3, view[order]  # each view's four copies in one stretch of the chain
+
+
+def test_next_generation_starts_from_the_unaccepted_averages(stack, tmp_path):
+    """``isac.next_references="unaccepted"``: a generation's unaccepted class averages, most stable members first,
+    are the next generation's first references (random particles for the rest, the same draw as without them),
+    and a checkpoint keeps them so that a restarted run starts its next generation the same way."""
+    images = stack[0][:120]
+    steps = isac.generation_steps(len(images), PARAMS)
+    k, nx = steps.n_classes, images.shape[-1]
+    plain = isac.start_generation(images, jax.random.key(5), steps)
+    seeds = np.random.default_rng(0).normal(size=(k - 1, nx, nx)).astype(np.float32)
+    seeded = isac.start_generation(images, jax.random.key(5), steps, seeds)
+    np.testing.assert_array_equal(np.asarray(seeded.references)[: k - 1], seeds)
+    np.testing.assert_array_equal(np.asarray(seeded.references)[k - 1:], np.asarray(plain.references)[k - 1:])
+    np.testing.assert_array_equal(jax.random.key_data(seeded.key), jax.random.key_data(plain.key))
+
+    def cls(value, n_stable):
+        return isac.ClassResult(np.full((nx, nx), value, np.float32), np.arange(n_stable), None, None, 10)
+
+    result = isac.GenerationResult((cls(0, 3), cls(1, 9), cls(2, 1), cls(3, 3)), (1,), 2, False, 1.0)
+    order = isac.unaccepted_averages(result)[:, 0, 0]
+    np.testing.assert_array_equal(order, [0, 3, 2])  # class 1 accepted; 3 stable, 3 (class order), 1
+    p = PARAMS._replace(next_references="unaccepted")
+    state = isac.accept_generation(isac.IsacState.start(40), result._replace(accepted=()), np.arange(40), p)
+    assert state.seeds.shape == (4, nx, nx)
+    assert isac.accept_generation(isac.IsacState.start(40), result._replace(accepted=()), np.arange(40), PARAMS).seeds is None
+    path = tmp_path / "state.npz"
+    for s in (state, state._replace(seeds=None)):
+        checkpoint.save_state(path, s, "run")
+        back = checkpoint.load_state(path, "run")
+        assert (back.seeds is None) == (s.seeds is None)
+        if s.seeds is not None:
+            np.testing.assert_array_equal(back.seeds, s.seeds)

@@ -73,6 +73,7 @@ VARIANTS = {
     "resolution": ["stability=resolution"],
     "reproducibility": ["stability=reproducibility"],
     "members": ["stability=pixel_error", "isac.unstable_references=members"],
+    "members_seeded": ["stability=pixel_error", "isac.unstable_references=members", "isac.next_references=unaccepted"],
 }
 
 
