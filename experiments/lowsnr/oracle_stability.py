@@ -40,6 +40,16 @@ from jisac import transforms as T  # noqa: E402
 from jisac.transforms import identity  # noqa: E402
 
 
+def member_lists(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(k, n_max)`` each class's member indices (``-1`` padding) and the mask: the criteria's input layout."""
+    sizes = np.bincount(labels[labels >= 0], minlength=k)
+    index = np.full((k, max(int(sizes.max()), 1)), -1, np.int64)
+    for c in range(k):
+        m = np.flatnonzero(labels == c)
+        index[c, : len(m)] = m
+    return index, index >= 0
+
+
 def stability_of(images, labels: np.ndarray, p: isac.IsacParams, crit, key, mesh, restarts: int = 1) -> dict:
     """One stability round (ISAC's ``stability_round`` up to the verdict) of the classes ``labels`` (0..k-1).
     With ``restarts`` > 1, ``restarts * stab_ali`` independent runs are made and, per class, the ``stab_ali``
@@ -62,7 +72,7 @@ def stability_of(images, labels: np.ndarray, p: isac.IsacParams, crit, key, mesh
         run_params = [np.stack([run_params[b][:, i] for b, i in zip(best[j][labels], range(n))], 1)
                       for j in range(p.stab_ali)]
     run_params = [T.Transform2D(*(f.astype(d) for f, d in zip(r, (np.float32,) * 3 + (bool,)))) for r in run_params]
-    index, member = isac._class_mask(labels, steps.k_pad)
+    index, member = member_lists(labels, steps.k_pad)
     safe = np.maximum(index, 0)
     runs = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a])[:, safe].transpose(1, 0, 2), *run_params)
     res = crit.score(runs, jnp.asarray(member), images=images, labels=index)
