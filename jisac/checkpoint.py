@@ -56,7 +56,6 @@ def save_state(path: Path, state: isac.IsacState, run_id: str) -> None:
                 empty_generations=state.empty_generations,
                 done=state.done,
                 seeds=np.zeros((0, 1, 1), np.float32) if state.seeds is None else state.seeds,
-                has_seeds=state.seeds is not None,
             )
 
 
@@ -82,7 +81,7 @@ def load_state(path: Path, run_id: str) -> isac.IsacState:
             history=tuple(json.loads(str(z["history"]))),
             empty_generations=int(z["empty_generations"]),
             done=bool(z["done"]),
-            seeds=z["seeds"] if "has_seeds" in z.files and bool(z["has_seeds"]) else None,
+            seeds=z["seeds"] if "seeds" in z.files and len(z["seeds"]) else None,  # None or some averages
         )
 
 

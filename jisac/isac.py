@@ -243,8 +243,8 @@ class Steps(NamedTuple):
         return max(self.padded_classes, self.n_classes)
 
 
-def _class_mask(labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Padded member lists: ``(k, n_max)`` indices (``-1`` padding) and the mask."""
+def class_members(labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Padded member lists, the criteria's input layout: ``(k, n_max)`` indices (``-1`` padding) and the mask."""
     sizes = np.bincount(labels[labels >= 0], minlength=n_classes)
     n_max = max(int(sizes.max()), 1)
     index = np.full((n_classes, n_max), -1, np.int64)
@@ -412,7 +412,7 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
     n, k, k_pad = images.shape[0], steps.n_classes, steps.k_pad
     state, _, run_params = _within_group_runs(images, state, steps.p.stab_ali, steps, mesh, with_averages=False)
     labels, key = state.labels, state.key
-    index, member = _class_mask(labels, k_pad)  # padding classes: no member
+    index, member = class_members(labels, k_pad)  # padding classes: no member
     safe = np.maximum(index, 0)
     # (k, L, n_max), gathered on the host (as eager JAX ops these were 12 small programs to compile or load)
     runs = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a])[:, safe].transpose(1, 0, 2), *run_params)
@@ -423,7 +423,7 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
     # zero parameters, so that it still gives a reference for the next round).
     avg_labels = np.full(n, -1, np.int32)
     avg_params = Transform2D(*(np.zeros(n, np.asarray(f).dtype) for f in params))
-    found, forming = [], []
+    found, forming = [], []  # forming: member rows of classes averaged whole (isac.unstable_references="members")
     res_params, res_error = [np.asarray(a) for a in res.params], np.asarray(res.error)
     for c in range(k):
         idx = index[c][stable[c]]
@@ -432,22 +432,22 @@ def stability_round(images, state: SacState, steps: Steps, criterion, mesh=None
         for f_all, f_c in zip(avg_params, c_params):
             f_all[idx] = f_c
         if len(idx) < 5 and steps.p.unstable_references == "members":
-            forming.append(c)
+            forming.append(index[c][member[c]])
+            avg_labels[forming[-1]] = c
         elif len(idx) < 5:
             pool = np.setdiff1d(index[c][member[c]], idx)
             extra = np.asarray(jax.random.permutation(jax.random.fold_in(key, c), pool))[: 5 - len(idx)]
             avg_labels[extra] = c
         found.append((idx, c_params, res_error[c][stable[c]], int(member[c].sum())))
+    ref_params = avg_params  # a forming class's members are averaged at the last run's parameters
+    if forming:
+        rows = np.concatenate(forming)
+        ref_params = Transform2D(*(a.copy() for a in avg_params))
+        for r, f in zip(ref_params, params):
+            r[rows] = np.asarray(f)[rows]
     references = filters.tanh_lowpass(
-        average.class_averages(images, avg_params, avg_labels, k_pad, mesh=mesh), steps.p.fh, steps.p.ff
+        average.class_averages(images, ref_params, avg_labels, k_pad, mesh=mesh), steps.p.fh, steps.p.ff
     )
-    if forming:  # isac.unstable_references="members": these classes' references from all their members
-        in_forming = np.isin(labels, forming)
-        last = Transform2D(*(np.asarray(f) for f in params))
-        members_avg = filters.tanh_lowpass(average.class_averages(
-            images, last, np.where(in_forming, labels, -1).astype(np.int32), k_pad, mesh=mesh), steps.p.fh, steps.p.ff)
-        references = jnp.where(jnp.asarray(np.isin(np.arange(k_pad), forming))[:, None, None], members_avg,
-                               references)
     host_references = np.asarray(references)
     classes = tuple(ClassResult(host_references[c], idx, c_params, errors, size)
                     for c, (idx, c_params, errors, size) in enumerate(found))
@@ -536,7 +536,7 @@ class IsacState(NamedTuple):
     accepted class (-1: unaccounted). Per accepted class (in acceptance order): ``averages``, ``members`` and
     ``candidates`` (the class's size when it was tested); ``history`` has one dict per finished generation.
     ``seeds``: ``(m, nx, nx)`` the last generation's unaccepted class averages that start the next one
-    (``isac.next_references="unaccepted"``), ``None`` otherwise.
+    (``isac.next_references="unaccepted"``; ``unaccepted_averages``), ``None`` otherwise.
     """
 
     generation: int
@@ -625,15 +625,14 @@ def accept_generation(state: IsacState, result: GenerationResult, work_idx: np.n
     )
 
 
-def unaccepted_averages(result: GenerationResult) -> np.ndarray:
+def unaccepted_averages(result: GenerationResult) -> np.ndarray | None:
     """``(m, nx, nx)`` the generation's unaccepted class averages (its last references), the classes with the
-    most stable members first (ties: class order): where ``isac.next_references="unaccepted"`` starts the next
-    generation."""
-    failed = [c for c in range(len(result.classes)) if c not in set(result.accepted)]
+    most stable members first (ties: class order), or ``None`` if it accepted every class: where
+    ``isac.next_references="unaccepted"`` starts the next generation."""
+    accepted = set(result.accepted)
+    failed = [c for c in range(len(result.classes)) if c not in accepted]
     order = sorted(failed, key=lambda c: -len(result.classes[c].members))  # stable sort: ties keep class order
-    if not order:
-        return np.zeros((0,) + np.shape(result.classes[0].average), np.float32) if result.classes else None
-    return np.stack([np.asarray(result.classes[c].average, np.float32) for c in order])
+    return np.stack([np.asarray(result.classes[c].average, np.float32) for c in order]) if order else None
 
 
 def _matching_options(p: IsacParams, n_references: int, mesh, budget: Budget | None) -> align.AlignOptions:

@@ -206,9 +206,10 @@ def test_next_generation_starts_from_the_unaccepted_averages(stack, tmp_path):
     order = isac.unaccepted_averages(result)[:, 0, 0]
     np.testing.assert_array_equal(order, [0, 3, 2])  # class 1 accepted; 3 stable, 3 (class order), 1
     p = PARAMS._replace(next_references="unaccepted")
-    state = isac.accept_generation(isac.IsacState.start(40), result._replace(accepted=()), np.arange(40), p)
+    none_accepted = result._replace(accepted=())
+    state = isac.accept_generation(isac.IsacState.start(40), none_accepted, np.arange(40), p)
     assert state.seeds.shape == (4, nx, nx)
-    assert isac.accept_generation(isac.IsacState.start(40), result._replace(accepted=()), np.arange(40), PARAMS).seeds is None
+    assert isac.accept_generation(isac.IsacState.start(40), none_accepted, np.arange(40), PARAMS).seeds is None
     path = tmp_path / "state.npz"
     for s in (state, state._replace(seeds=None)):
         checkpoint.save_state(path, s, "run")

@@ -40,16 +40,6 @@ from jisac import transforms as T  # noqa: E402
 from jisac.transforms import identity  # noqa: E402
 
 
-def member_lists(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(k, n_max)`` each class's member indices (``-1`` padding) and the mask: the criteria's input layout."""
-    sizes = np.bincount(labels[labels >= 0], minlength=k)
-    index = np.full((k, max(int(sizes.max()), 1)), -1, np.int64)
-    for c in range(k):
-        m = np.flatnonzero(labels == c)
-        index[c, : len(m)] = m
-    return index, index >= 0
-
-
 def stability_of(images, labels: np.ndarray, p: isac.IsacParams, crit, key, mesh, restarts: int = 1) -> dict:
     """One stability round (ISAC's ``stability_round`` up to the verdict) of the classes ``labels`` (0..k-1).
     With ``restarts`` > 1, ``restarts * stab_ali`` independent runs are made and, per class, the ``stab_ali``
@@ -64,15 +54,14 @@ def stability_of(images, labels: np.ndarray, p: isac.IsacParams, crit, key, mesh
     results = within_group.within_group_runs(images, labels, steps.k_pad, keys, steps.options, steps.wg,
                                              identity((n,)), mesh, max_particles=steps.sizes.within_group_particles,
                                              with_averages=restarts > 1)
-    run_params = [np.stack([np.asarray(f) for f in params]) for _, params in results]  # (4, n) each
+    run_params = [params for _, params in results]
     if restarts > 1:
         disc = filters.circular_mask(images.shape[-1], images.shape[-1], p.target_radius)
         energy = np.stack([np.sum((np.asarray(a) * disc) ** 2, (1, 2)) for a, _ in results])  # (runs, k_pad)
         best = np.argsort(-energy, axis=0, kind="stable")[: p.stab_ali]  # (stab_ali, k_pad): per class
-        run_params = [np.stack([run_params[b][:, i] for b, i in zip(best[j][labels], range(n))], 1)
-                      for j in range(p.stab_ali)]
-    run_params = [T.Transform2D(*(f.astype(d) for f, d in zip(r, (np.float32,) * 3 + (bool,)))) for r in run_params]
-    index, member = member_lists(labels, steps.k_pad)
+        fields = [np.stack([np.asarray(f) for f in field]) for field in zip(*run_params)]  # 4 x (runs, n)
+        run_params = [T.Transform2D(*(f[best[j][labels], np.arange(n)] for f in fields)) for j in range(p.stab_ali)]
+    index, member = isac.class_members(labels, steps.k_pad)
     safe = np.maximum(index, 0)
     runs = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a])[:, safe].transpose(1, 0, 2), *run_params)
     res = crit.score(runs, jnp.asarray(member), images=images, labels=index)
@@ -138,8 +127,8 @@ def main() -> None:
         name = name if restarts == 1 else f"{name.split()[0]}, best {p.stab_ali} of {p.stab_ali * restarts}"
         out[name] = r
         print(f"{name:<20} {r['spread_deg']:>6.1f}° {r['accepted']:>4}/{r['classes']:<4} {r['stable_share']:>7.3f} "
-              f"{r['accepted_share']:>12.3f} {r['mirror_consistent']:>10.3f} {r['error_median_px']:>10.2f}px {r['error_under_1.5px']:>8.3f} "
-              f"{r['error_under_3px']:>7.3f} {r['seconds']:>6.1f}")
+              f"{r['accepted_share']:>12.3f} {r['mirror_consistent']:>10.3f} {r['error_median_px']:>10.2f}px "
+              f"{r['error_under_1.5px']:>8.3f} {r['error_under_3px']:>7.3f} {r['seconds']:>6.1f}")
     print(json.dumps(out))
 
 
