@@ -132,8 +132,9 @@ class DemoConfig:
 @dataclass
 class StabilityConfig:
     """The ``stability`` config group: which criterion decides that a class member is stable
-    (``jisac.stability``). ``stability=pixel_error`` (default, ISAC2), ``stability=reproducibility`` (ISAC 2012)
-    or ``stability=resolution`` (new); each option node below adds its criterion's own typed options."""
+    (``jisac.stability``). ``stability=pixel_error`` (default, ISAC2), ``stability=reproducibility`` (ISAC 2012),
+    ``stability=resolution`` or ``stability=consensus`` (new); each option node below adds its criterion's own
+    typed options."""
 
     name: str = "pixel_error"
     max_iter: int = 50  # L-BFGS iterations of the pixel-error corrections
@@ -169,6 +170,19 @@ class ResolutionConfig(StabilityConfig):
     def options(self, p: isac.IsacParams) -> dict:
         return dict(super().options(p), fraction=self.fraction, max_error=self.max_error,
                     frc_threshold=self.frc_threshold)
+
+
+@dataclass
+class ConsensusConfig(StabilityConfig):
+    """``stability=consensus``: ISAC2's pixel-error test on the largest agreeing subset of the stab_ali runs."""
+
+    name: str = "consensus"
+    min_runs: int = 3  # fewest of the isac.stab_ali within-group runs that must agree (stab_ali: ISAC2's test)
+
+    def options(self, p: isac.IsacParams) -> dict:
+        if not 2 <= self.min_runs <= p.stab_ali:
+            raise ValueError(f"stability.min_runs={self.min_runs} must be between 2 and isac.stab_ali ({p.stab_ali})")
+        return dict(super().options(p), min_runs=self.min_runs)
 
 
 _BEAUTIFY = beautify.BeautifyParams(radius_px=1.0)
@@ -231,6 +245,7 @@ def register() -> None:
     store.store(group="stability", name="pixel_error", node=StabilityConfig(name="pixel_error"))
     store.store(group="stability", name="reproducibility", node=ReproducibilityConfig())
     store.store(group="stability", name="resolution", node=ResolutionConfig())
+    store.store(group="stability", name="consensus", node=ConsensusConfig())
 
 
 # ------------------------------------------------------------------------------------------ the conversion

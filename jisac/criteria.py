@@ -9,10 +9,10 @@ fingerprint, so a restart with other options is refused). ``make_criterion`` bui
 config group; ``score`` is a ``functools.partial`` of a module-level function, so its options can be read back.
 
 Every criterion reports ISAC2's pixel error as ``error`` and the pixel-error test's averaged parameters as
-``params``, so a run's outputs (``jisacPixelError``, parameters) mean the same whichever criterion chose the
-stable members.
+``params`` (``consensus``: over the runs it kept), so a run's outputs (``jisacPixelError``, parameters) mean the
+same whichever criterion chose the stable members.
 
-Criteria (``stability=<name>``; ``CRITERIA``, ``make_criterion``). All three see the same ``L`` within-group
+Criteria (``stability=<name>``; ``CRITERIA``, ``make_criterion``). All four see the same ``L`` within-group
 alignments of every class; they differ in what "stable" means:
 
 - ``pixel_error`` (default, ISAC2): the test above, ``e_i < thld_err``.
@@ -39,14 +39,22 @@ alignments of every class; they differ in what "stable" means:
   (``frc_threshold``, default 0.5): never stricter than ISAC2, never more lenient than ``max_error`` px. A
   Gaussian spread of ``e`` px damps the signal at ``f_c`` by ``exp(-(pi e f_c)^2)``: ``fraction`` 0.3 keeps
   40 % of it, and equals ISAC2's 0.7 px at 0.43 cycles/px.
+- ``consensus`` (new): ISAC2's test on the largest agreeing subset of the runs. Every subset of at least
+  ``min_runs`` of the ``L`` runs is tested and, per class, the subset with the most stable members decides. At low
+  SNR a reference-free alignment from a random start often fails to converge, and ISAC2's test, which needs all
+  ``L`` runs to agree, then rejects even a perfect class (``docs/lowsnr.md``); here one or two lost runs are
+  tolerated while the remaining ``min_runs`` must still agree to ``thld_err``; a class never keeps fewer members
+  than under ISAC2's test. Its ``error`` is the pixel error over the kept runs.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,7 +62,7 @@ from jisac import align, average, filters
 from jisac.assignment import assign_equal_size
 from jisac.filters import fourier_ring_correlation, frc_resolution
 from jisac.polar import RingGeometry
-from jisac.stability import StabilityResult, pixel_error_stability_classes
+from jisac.stability import StabilityResult, initial_agreement, pixel_error_stability, pixel_error_stability_classes
 from jisac.transforms import Transform2D
 
 Array = jnp.ndarray
@@ -312,10 +320,96 @@ def resolution_criterion(
                      score)
 
 
+# ------------------------------------------------------------------ new: the largest agreeing subset of the runs
+
+
+def run_subsets(n_runs: int, min_runs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every subset of the ``n_runs`` runs with at least ``min_runs`` of them, largest first, as run orders: the
+    runs left out first, then the subset's in ascending order (so the subset's last run is run ``L - 1`` of the
+    order, the test's reference frame).
+
+    Returns:
+        ``(order, included)``: ``(S, L)`` int run indices and ``(S, L)`` bool, True for the subset's runs.
+    """
+    orders, masks = [], []
+    for k in range(n_runs, min_runs - 1, -1):
+        for subset in itertools.combinations(range(n_runs), k):
+            out = [j for j in range(n_runs) if j not in subset]
+            orders.append(out + list(subset))
+            masks.append([False] * len(out) + [True] * k)
+    return np.array(orders, np.int32), np.array(masks, bool)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter",))
+def _consensus(runs: Transform2D, member: Array, order: Array, included: Array, threshold: float, radius: float,
+               max_iter: int) -> StabilityResult:
+    """``consensus_score`` on device: runs ``(c, L, n)``, the subsets of ``run_subsets`` (``(S, L)``, the full set
+    first); fields ``(c, n)``."""
+
+    def reordered(r, s):
+        return Transform2D(*(f[order[s]] for f in r))
+
+    def screen(r, m):  # (S,): members agreeing with each subset's initial corrections
+        return jax.vmap(lambda s: initial_agreement(reordered(r, s), m, threshold, radius, included[s]))(
+            jnp.arange(order.shape[0]))
+
+    def test(r, m, s):
+        res = pixel_error_stability(reordered(r, s), m, threshold, radius, max_iter, included[s])
+        return res._replace(corrections=res.corrections[:, jnp.argsort(order[s])])
+
+    def one_class(r, m):
+        candidates = jnp.stack([0, jnp.argmax(screen(r, m))])  # the full set, the best screened subset
+        res = jax.vmap(lambda s: test(r, m, s))(candidates)
+        pick = jnp.argmax(res.stable.sum(-1))  # ties: the full set
+        return jax.tree.map(lambda a: a[pick], res)
+
+    return jax.vmap(one_class)(runs, member)
+
+
+def consensus_score(runs: Transform2D, member: Array, images=None, labels=None, *, threshold: float,
+                    radius: float, min_runs: int, max_iter: int) -> StabilityResult:
+    """``consensus_criterion``'s test (its arguments are documented there)."""
+    n_runs = runs.angle.shape[1]
+    if not 2 <= min_runs <= n_runs:
+        raise ValueError(f"stability.min_runs={min_runs} must be between 2 and isac.stab_ali ({n_runs})")
+    order, included = run_subsets(n_runs, min_runs)
+    runs = Transform2D(*(jnp.asarray(f) for f in runs))
+    return _consensus(runs, jnp.asarray(member), jnp.asarray(order), jnp.asarray(included), threshold, radius,
+                      max_iter)
+
+
+def consensus_criterion(threshold: float, radius: float, min_runs: int = 3, max_iter: int = 50) -> Criterion:
+    """ISAC2's pixel-error test on the largest agreeing subset of the runs (new in jisac).
+
+    ISAC2 demands that *all* ``L`` within-group alignments of a class agree. At low SNR a reference-free
+    alignment from a random start often fails to converge, and one failed run makes every member of the class
+    unstable (``docs/lowsnr.md``, "Would a perfect class pass?"). Here every subset of at least ``min_runs`` of
+    the ``L`` runs (16 for 3 of 5) is screened per class by how many members agree to ``threshold`` with the
+    initial corrections alone (no L-BFGS: cheap); the best-screened subset (ties: the larger) and the full set
+    then get ISAC2's whole test -- mirror stability, pruning, L-BFGS corrections, ``e_i < threshold`` -- and the
+    one with more stable members decides (ties: the full set). So a class keeps at least the members ISAC2's test
+    keeps, and a class whose runs mostly agree passes although one or two runs are lost; ``error`` and ``params``
+    are those of the chosen runs (the last chosen run's frame), ``corrections`` NaN for the runs left out. It
+    costs about two ISAC2 tests.
+
+    Args:
+        threshold: pixel-error threshold (``isac.thld_err``), pixels.
+        radius: particle radius (``isac.target_radius``), pixels.
+        min_runs: fewest runs that must agree, ``2 <= min_runs <= isac.stab_ali`` (``stab_ali``: ISAC2).
+        max_iter: L-BFGS iterations of the pixel-error test.
+    """
+    if not (isinstance(min_runs, (int, np.integer)) and min_runs >= 2):
+        raise ValueError(f"stability.min_runs must be an integer >= 2 (got {min_runs!r})")
+    score = functools.partial(consensus_score, threshold=threshold, radius=radius, min_runs=int(min_runs),
+                              max_iter=max_iter)
+    return Criterion(_option_name("consensus", min_runs=int(min_runs)), score)
+
+
 CRITERIA = {
     "pixel_error": pixel_error_criterion,
     "reproducibility": reproducibility_criterion,
     "resolution": resolution_criterion,
+    "consensus": consensus_criterion,
 }
 
 

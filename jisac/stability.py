@@ -74,12 +74,26 @@ def _corrected(runs: Transform2D, corr: Array):
     return theta, big_x, big_y
 
 
-def squared_pixel_error(runs: Transform2D, corr: Array, radius: float) -> Array:
-    """``(n,)`` squared pixel errors for corrections ``corr`` (``(3, L)``: g in radians, tx, ty)."""
+def _run_mean(a: Array, included: Array | None) -> Array:
+    """Mean over runs (axis 0) of ``a`` ``(L, n)``, over the ``included`` runs only when given."""
+    if included is None:
+        return jnp.mean(a, axis=0)
+    w = included.astype(a.real.dtype)[:, None]
+    return jnp.sum(w * a, axis=0) / jnp.sum(w)
+
+
+def squared_pixel_error(runs: Transform2D, corr: Array, radius: float, included: Array | None = None) -> Array:
+    """``(n,)`` squared pixel errors for corrections ``corr`` (``(3, L)``: g in radians, tx, ty), over the
+    ``included`` runs (``(L,)`` bool) when given, else over all."""
     theta, big_x, big_y = _corrected(runs, corr)
-    resultant = jnp.abs(jnp.mean(jnp.exp(1j * theta), axis=0))
-    e2 = radius**2 * (1.0 - resultant) + jnp.var(big_x, axis=0) + jnp.var(big_y, axis=0)
-    return jnp.maximum(e2, 0.0)
+    if included is None:
+        resultant = jnp.abs(jnp.mean(jnp.exp(1j * theta), axis=0))
+        e2 = radius**2 * (1.0 - resultant) + jnp.var(big_x, axis=0) + jnp.var(big_y, axis=0)
+        return jnp.maximum(e2, 0.0)
+    resultant = jnp.abs(_run_mean(jnp.exp(1j * theta), included))
+    var_x = _run_mean((big_x - _run_mean(big_x, included)) ** 2, included)
+    var_y = _run_mean((big_y - _run_mean(big_y, included)) ** 2, included)
+    return jnp.maximum(radius**2 * (1.0 - resultant) + var_x + var_y, 0.0)
 
 
 def _relabellings(n_runs: int) -> np.ndarray:
@@ -108,9 +122,33 @@ def _initial_corrections(runs: Transform2D, weight: Array) -> Array:
     return corr.at[:, -1].set(0.0)
 
 
+def _initial_fit(runs: Transform2D, member: Array, radius: float, included: Array | None):
+    """Steps 1-2 of the test: the mirror-stable members ``(n,)`` bool and their squared pixel errors ``(n,)`` with
+    the initial corrections ``(3, L)`` (returned as ``(mirror_stable, corr0, e2_0)``)."""
+    n_runs = runs.angle.shape[0]
+    flips = jnp.asarray(_relabellings(n_runs))  # (F, L)
+    relabelled = runs.mirror[None] ^ flips[:, :, None]  # (F, L, n)
+    same = relabelled == relabelled[:, -1:]
+    if included is not None:
+        same = same | ~included[None, :, None]  # a left-out run agrees with anything
+    agree = jnp.all(same, axis=1) & member[None]  # (F, n)
+    mirror_stable = agree[jnp.argmax(agree.sum(1))]
+    corr0 = _initial_corrections(runs, mirror_stable.astype(jnp.float32))
+    return mirror_stable, corr0, squared_pixel_error(runs, corr0, radius, included)
+
+
+def initial_agreement(runs: Transform2D, member: Array, threshold: float, radius: float,
+                      included: Array | None = None) -> Array:
+    """How many members agree to ``threshold`` pixels with the initial corrections alone (no L-BFGS): a cheap
+    screen of run subsets, scalar int. Arguments as ``pixel_error_stability``."""
+    mirror_stable, _, e2_0 = _initial_fit(runs, member, radius, included)
+    return jnp.sum(mirror_stable & (e2_0 < threshold**2))
+
+
 @functools.partial(jax.jit, static_argnames=("max_iter",))
 def pixel_error_stability(
-    runs: Transform2D, member: Array, threshold: float, radius: float, max_iter: int = 50
+    runs: Transform2D, member: Array, threshold: float, radius: float, max_iter: int = 50,
+    included: Array | None = None,
 ) -> StabilityResult:
     """The stability test of one class.
 
@@ -120,29 +158,23 @@ def pixel_error_stability(
         threshold: pixel-error threshold for "stable", pixels (ISAC ``thld_err``, default 0.7).
         radius: particle radius ``d / 2`` in pixels (ISAC: ``target_radius``, 29).
         max_iter: L-BFGS iterations.
+        included: ``(L,)`` bool, the runs the test is made on (the others are ignored; run ``L - 1``, the
+            reference frame, must be included); None: all (ISAC2). One compiled program serves every subset.
 
     Returns:
-        ``StabilityResult``.
+        ``StabilityResult`` (with ``included``: ``corrections`` NaN for the runs left out).
     """
-    n_runs = runs.angle.shape[0]
-    flips = jnp.asarray(_relabellings(n_runs))  # (F, L)
-    relabelled = runs.mirror[None] ^ flips[:, :, None]  # (F, L, n)
-    agree = jnp.all(relabelled == relabelled[:, -1:], axis=1) & member[None]  # (F, n)
-    best = jnp.argmax(agree.sum(1))
-    mirror_stable = agree[best]
+    mirror_stable, corr0, e2_0 = _initial_fit(runs, member, radius, included)
     n_members = jnp.maximum(member.sum(), 1)
     mirror_rate = mirror_stable.sum() / n_members
-
     weight = mirror_stable.astype(jnp.float32)
-    corr0 = _initial_corrections(runs, weight)
-    e2_0 = squared_pixel_error(runs, corr0, radius)
     error_before = jnp.sqrt(jnp.sum(weight * e2_0) / jnp.maximum(weight.sum(), 1.0))
     kept = mirror_stable & (e2_0 <= (3.0 * threshold) ** 2)
     kept_w = kept.astype(jnp.float32)
 
     def loss(free):  # free: (3, L-1); run L-1 stays the reference frame
         corr = jnp.concatenate([free, jnp.zeros((3, 1), free.dtype)], 1)
-        e2 = squared_pixel_error(runs, corr, radius)
+        e2 = squared_pixel_error(runs, corr, radius, included)
         return jnp.sum(kept_w * e2) / jnp.maximum(kept_w.sum(), 1.0)
 
     opt = optax.lbfgs()
@@ -159,24 +191,28 @@ def pixel_error_stability(
     free = jnp.where(jnp.isfinite(free), free, free0)
     corr = jnp.concatenate([free, jnp.zeros((3, 1), free.dtype)], 1)
 
-    e2 = squared_pixel_error(runs, corr, radius)
+    e2 = squared_pixel_error(runs, corr, radius, included)
     error = jnp.where(mirror_stable, jnp.sqrt(e2), jnp.inf)
     stable = kept & (error < threshold) & (kept.sum() > 1)
     theta, big_x, big_y = _corrected(runs, corr)
-    mean_dir = jnp.angle(jnp.mean(jnp.exp(1j * theta), axis=0))
+    mean_dir = jnp.angle(_run_mean(jnp.exp(1j * theta), included))
     averaged = Transform2D(
         angle=wrap_angle(jnp.rad2deg(mean_dir)),
-        shift_x=big_x.mean(0),
-        shift_y=big_y.mean(0),
+        shift_x=_run_mean(big_x, included),
+        shift_y=_run_mean(big_y, included),
         mirror=runs.mirror[-1],
     )
     corrections = corr.at[0].set(jnp.rad2deg(corr[0]))
+    if included is not None:
+        corrections = jnp.where(included[None], corrections, jnp.nan)
     return StabilityResult(stable, error, averaged, mirror_rate, error_before, corrections)
 
 
 def pixel_error_stability_classes(
-    runs: Transform2D, member: Array, threshold: float, radius: float, max_iter: int = 50
+    runs: Transform2D, member: Array, threshold: float, radius: float, max_iter: int = 50,
+    included: Array | None = None,
 ) -> StabilityResult:
-    """``pixel_error_stability`` for many classes at once: fields ``(c, L, n)``, ``member`` ``(c, n)``."""
-    fn = jax.vmap(lambda r, m: pixel_error_stability(r, m, threshold, radius, max_iter))
+    """``pixel_error_stability`` for many classes at once: fields ``(c, L, n)``, ``member`` ``(c, n)``
+    (``included``, if given, ``(L,)``: the same runs for every class)."""
+    fn = jax.vmap(lambda r, m: pixel_error_stability(r, m, threshold, radius, max_iter, included))
     return fn(runs, member)

@@ -115,6 +115,44 @@ def test_random_angles_are_never_stable(name, data):
     assert not np.asarray(res.stable).any()
 
 
+def _with_lost_runs(data, lost):
+    """``data.consistent()`` with the runs ``lost[c, j]`` of class ``c`` replaced by random parameters (a run
+    that did not converge)."""
+    return jax.tree.map(lambda good, bad: jnp.where(jnp.asarray(lost)[:, :, None], bad, good),
+                        data.consistent(), data.random())
+
+
+def test_consensus_keeps_a_class_with_lost_runs_in_the_agreeing_runs_frame(data):
+    """One lost run makes ISAC2's test reject the whole class; consensus keeps it when at least min_runs runs
+    agree, with parameters in the frame of the last agreeing run. Class 0: every run agrees; class 1: the
+    reference run (L-1) is lost; class 2: three of five runs lost."""
+    lost = np.zeros((3, N_RUNS), bool)
+    lost[1, N_RUNS - 1] = True
+    lost[2, [0, 3, 4]] = True
+    runs = _with_lost_runs(data, lost)
+    pixel = np.asarray(_apply("pixel_error", runs, data, None).stable)
+    assert pixel[0].sum() == CLASS_SIZE and (pixel[1:].sum(1) <= 3).all()  # a few chance agreements at most
+    res = _apply("consensus", runs, data, None)
+    stable = np.asarray(res.stable)
+    assert stable[:2].sum(1).tolist() == [CLASS_SIZE, CLASS_SIZE]
+    assert stable[2].sum() <= 3 and not stable[~data.member].any()  # two agreeing runs: chance agreements only
+    # class 1's frame is run L-2's: its averaged parameters are run L-2's own (the runs agree exactly)
+    m = data.member[1]
+    params, run = [jax.tree.map(lambda a: np.asarray(a)[1][..., m], p) for p in (res.params, runs)]
+    last_kept = jax.tree.map(lambda a: a[N_RUNS - 2], run)
+    assert np.abs((params.angle - last_kept.angle + 180) % 360 - 180).max() < 0.1
+    assert np.abs(params.shift_x - last_kept.shift_x).max() < 0.05
+    np.testing.assert_array_equal(params.mirror, last_kept.mirror)
+    assert np.where(stable[:2], np.asarray(res.error)[:2], 0).max() < 0.05
+    corrections = np.asarray(res.corrections)
+    assert np.isnan(corrections[1, :, N_RUNS - 1]).all() and np.isfinite(corrections[1, :, :-1]).all()
+    assert np.isfinite(corrections[0]).all()
+    strict = np.asarray(_apply("consensus", runs, data, None, min_runs=4).stable)
+    assert strict.sum(1).tolist() == [CLASS_SIZE, CLASS_SIZE, 0]
+    full = np.asarray(_apply("consensus", runs, data, None, min_runs=N_RUNS).stable)
+    np.testing.assert_array_equal(full, pixel)  # min_runs = stab_ali is ISAC2's test
+
+
 def test_reproducibility_rejects_consistently_aligned_members_of_another_view(data):
     """Three members of each class are particles of the next view with consistent (but meaningless) parameters:
     the pixel error cannot tell, re-assignment to the run averages moves them out."""
@@ -224,6 +262,8 @@ def test_bad_options_fail_with_one_line_naming_them(data):
         (dict(name="resolution", fraction=-1.0), "stability.fraction"),
         (dict(name="resolution", max_error=0.5), "stability.max_error"),
         (dict(name="resolution", frc_threshold=1.0), "stability.frc_threshold"),
+        (dict(name="consensus", min_runs=1), "stability.min_runs"),
+        (dict(name="consensus", min_runs=2.5), "stability.min_runs"),
     ]
     for kwargs, message in cases:
         name, threshold = kwargs.pop("name"), kwargs.pop("threshold", THRESHOLD)
@@ -232,6 +272,9 @@ def test_bad_options_fail_with_one_line_naming_them(data):
     for name in ("reproducibility", "resolution"):
         with pytest.raises(ValueError, match=f"stability={name} needs the working stack"):
             criteria.make_criterion(name, THRESHOLD, float(RADIUS)).score(data.consistent(), jnp.asarray(data.member))
+    with pytest.raises(ValueError, match=r"stability.min_runs=6 must be between 2 and isac.stab_ali \(5\)"):
+        criteria.make_criterion("consensus", THRESHOLD, float(RADIUS), min_runs=6).score(
+            data.consistent(), jnp.asarray(data.member))
 
 
 def _compose(overrides):
@@ -249,6 +292,11 @@ def test_config_group_selects_each_criterion_with_typed_options():
     typed = OmegaConf.to_object(cfg)
     assert config.run_params(typed).criterion.name.startswith("resolution[fraction=0.4,")
     assert config.run_params(OmegaConf.to_object(_compose([]))).criterion.name == "pixel_error"
+    typed = OmegaConf.to_object(_compose(["stability=consensus", "stability.min_runs=4"]))
+    assert config.run_params(typed).criterion.name == "consensus[min_runs=4]"
+    with pytest.raises(ValueError, match=r"stability.min_runs=4 must be between 2 and isac.stab_ali \(3\)"):
+        config.run_params(OmegaConf.to_object(_compose(["stability=consensus", "stability.min_runs=4",
+                                                        "isac.stab_ali=3"])))
     with pytest.raises(Exception, match="min_fraction"):
         _compose(["stability.min_fraction=0.5"])  # another criterion's option is refused
     with pytest.raises(ValueError, match="stability.min_fraction"):
@@ -303,9 +351,10 @@ def test_each_criterion_runs_end_to_end(name, pipeline_runs, small_stack):
 
 
 def test_criteria_nest_on_the_same_round(pipeline_runs):
-    """reproducibility (with the pixel-error test) keeps a subset of ISAC2's stable members, resolution a
-    superset: with one generation of one round the accounted sets nest."""
+    """reproducibility (with the pixel-error test) keeps a subset of ISAC2's stable members, resolution and
+    consensus a superset: with one generation of one round the accounted sets nest."""
     accounted = {name: pipeline_runs[name][1] > 0 for name in NAMES}
     assert (accounted["reproducibility"] <= accounted["pixel_error"]).all()
     assert (accounted["pixel_error"] <= accounted["resolution"]).all()
+    assert (accounted["pixel_error"] <= accounted["consensus"]).all()
     assert accounted["resolution"].sum() > accounted["pixel_error"].sum()

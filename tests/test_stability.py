@@ -87,6 +87,36 @@ def test_noisy_class_splits_by_error_and_matches_formula():
     np.testing.assert_allclose(np.asarray(res.error), want, rtol=1e-3, atol=1e-3)
 
 
+def test_a_subset_of_runs_by_mask_is_the_test_on_those_runs_alone():
+    """``included`` (one compiled program for every subset, as stability=consensus uses it) gives the test on the
+    chosen runs alone: the same stable set, errors (and the float64 formula on those runs) and averaged
+    parameters; the runs left out, here wildly inconsistent, have no effect and NaN corrections."""
+    runs, _ = consistent_runs(60, 5, seed=3, noise_deg=0.4, noise_px=0.15, mirror_flip_runs=(0,))
+    rng = np.random.default_rng(4)
+    lost = jax.tree.map(lambda a: np.asarray(a).copy(), runs)
+    for j in (1, 3):  # two runs that did not converge
+        lost.angle[j] = rng.uniform(0, 360, 60)
+        lost.mirror[j] = rng.integers(0, 2, 60).astype(bool)
+    lost = jax.tree.map(jnp.asarray, lost)
+    kept = [0, 2, 4]
+    alone = stability.pixel_error_stability(jax.tree.map(lambda a: a[np.array(kept)], lost), jnp.ones(60, bool),
+                                            THRESHOLD, RADIUS)
+    masked = stability.pixel_error_stability(lost, jnp.ones(60, bool), THRESHOLD, RADIUS,
+                                             included=jnp.array([True, False, True, False, True]))
+    assert np.asarray(alone.stable).mean() > 0.9
+    np.testing.assert_array_equal(np.asarray(masked.stable), np.asarray(alone.stable))
+    np.testing.assert_allclose(np.asarray(masked.error), np.asarray(alone.error), atol=1e-3)
+    corrections = np.asarray(masked.corrections, np.float64)
+    assert np.isnan(corrections[:, [1, 3]]).all()
+    want = error_numpy(jax.tree.map(lambda a: a[np.array(kept)], lost), corrections[:, kept], RADIUS)
+    np.testing.assert_allclose(np.asarray(masked.error), want, rtol=1e-3, atol=1e-3)
+    d_angle = (np.asarray(masked.params.angle) - np.asarray(alone.params.angle) + 180) % 360 - 180
+    assert np.abs(d_angle).max() < 0.01
+    np.testing.assert_allclose(np.asarray(masked.params.shift_x), np.asarray(alone.params.shift_x), atol=1e-3)
+    every = stability.pixel_error_stability(lost, jnp.ones(60, bool), THRESHOLD, RADIUS)
+    assert not np.asarray(every.stable).any()  # ISAC2's test on all five runs: the lost runs sink the class
+
+
 def test_mirror_inconsistent_members_are_excluded():
     runs, _ = consistent_runs(30, 5, seed=3)
     mirror = np.asarray(runs.mirror).copy()

@@ -71,6 +71,8 @@ BASE = ["isac.img_per_grp=100", "isac.ctf=true", "beautify.enabled=false"]
 VARIANTS = {
     "isac2": ["stability=pixel_error"],
     "resolution": ["stability=resolution"],
+    "consensus": ["stability=consensus"],
+    "consensus_members": ["stability=consensus", "isac.unstable_references=members"],
     "reproducibility": ["stability=reproducibility"],
     "members": ["stability=pixel_error", "isac.unstable_references=members"],
     "members_seeded": ["stability=pixel_error", "isac.unstable_references=members", "isac.next_references=unaccepted"],
