@@ -241,9 +241,13 @@ def _plain(v):
 
 
 def _git_commit() -> str:
+    """HEAD's short hash, with ``+changes`` when the tree's tracked files differ from it (the code that runs is not
+    that commit's)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        def git(*a):
+            return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
+
+        return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -287,6 +291,7 @@ def main() -> None:
                                                  f"isac.main_iter_limit={args.generations}"] + extra
     devices.setup(compose(overrides + ["data.stack=x", "output_dir=x"]).hardware)  # before any JAX work
 
+    commit = _git_commit()  # the code this process loaded, not what HEAD is when the row is written
     vol, _ = synthetic.read_map(MAP)
     mft = synthetic.fourier_volume(vol, MAP_APIX)
     rows = []
@@ -314,7 +319,7 @@ def main() -> None:
                "seed": args.seed, "box": args.box, "pixel_size": args.pixel_size, "radius": args.radius,
                "seconds": round(seconds, 1), "simulation_s": round(t_sim, 1),
                **evaluate(sim, run_dir, mft, args.radius),
-               "commit": _git_commit(), "machine": f"{platform.node()} {os.cpu_count()} cpu",
+               "commit": commit, "machine": f"{platform.node()} {os.cpu_count()} cpu",
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         rows.append(row)
         tag = f"{name}_n{args.n}_snr{snr:g}_junk{args.junk:g}_seed{args.seed}".replace("=", "-").replace("/", "-")
