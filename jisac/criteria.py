@@ -44,7 +44,7 @@ alignments of every class; they differ in what "stable" means:
   SNR a reference-free alignment from a random start often fails to converge, and ISAC2's test, which needs all
   ``L`` runs to agree, then rejects even a perfect class (``docs/lowsnr.md``); here one or two lost runs are
   tolerated while the remaining ``min_runs`` must still agree to ``thld_err``; a class never keeps fewer members
-  than under ISAC2's test. Its ``error`` is the pixel error over the kept runs.
+  than under ISAC2's test (a few may be others). Its ``error`` is the pixel error over the kept runs.
 """
 
 from __future__ import annotations
@@ -387,8 +387,9 @@ def consensus_criterion(threshold: float, radius: float, min_runs: int = 3, max_
     the ``L`` runs (16 for 3 of 5) is screened per class by how many members agree to ``threshold`` with the
     initial corrections alone (no L-BFGS: cheap); the best-screened subset (ties: the larger) and the full set
     then get ISAC2's whole test -- mirror stability, pruning, L-BFGS corrections, ``e_i < threshold`` -- and the
-    one with more stable members decides (ties: the full set). So a class keeps at least the members ISAC2's test
-    keeps, and a class whose runs mostly agree passes although one or two runs are lost; ``error`` and ``params``
+    one with more stable members decides (ties: the full set). So a class keeps at least as many members as under
+    ISAC2's test (not always the same ones: a member stable on all runs may miss on the chosen ones), and a class
+    whose runs mostly agree passes although one or two runs are lost; ``error`` and ``params``
     are those of the chosen runs (the last chosen run's frame), ``corrections`` NaN for the runs left out. It
     costs about two ISAC2 tests.
 

@@ -328,7 +328,8 @@ def pipeline_runs(small_stack, tmp_path_factory):
     for name in NAMES:
         cfg = _compose([f"stability={name}", f"isac.target_radius={PIPE_RADIUS}", f"isac.target_nx={PIPE_BOX}",
                         "isac.img_per_grp=30", "isac.minimum_grp_size=15", "isac.maxit=10", "isac.init_iter=1",
-                        "isac.stab_ali=3", "isac.main_iter_limit=1", "isac.thld_err=0.5"])
+                        "isac.stab_ali=3", "isac.main_iter_limit=1", "isac.thld_err=0.5"]
+                       + (["stability.min_runs=2"] if name == "consensus" else []))  # 3 of 3 would be ISAC2's
         typed = OmegaConf.to_object(cfg)
         folder = tmp_path_factory.mktemp(name)
         rp = config.run_params(typed, PIPE_N)
@@ -351,10 +352,13 @@ def test_each_criterion_runs_end_to_end(name, pipeline_runs, small_stack):
 
 
 def test_criteria_nest_on_the_same_round(pipeline_runs):
-    """reproducibility (with the pixel-error test) keeps a subset of ISAC2's stable members, resolution and
-    consensus a superset: with one generation of one round the accounted sets nest."""
+    """reproducibility (with the pixel-error test) keeps a subset of ISAC2's stable members, resolution a
+    superset: with one generation of one round the accounted sets nest. consensus (2 of 3 runs here) keeps more
+    members per class than ISAC2's test, but in a class whose chosen runs leave one out a few of ISAC2's stable
+    members may not be stable on those runs (here 2 of 90 are swapped for others; 90 -> 109 accounted)."""
     accounted = {name: pipeline_runs[name][1] > 0 for name in NAMES}
     assert (accounted["reproducibility"] <= accounted["pixel_error"]).all()
     assert (accounted["pixel_error"] <= accounted["resolution"]).all()
-    assert (accounted["pixel_error"] <= accounted["consensus"]).all()
     assert accounted["resolution"].sum() > accounted["pixel_error"].sum()
+    assert accounted["consensus"].sum() > 1.1 * accounted["pixel_error"].sum()
+    assert (accounted["pixel_error"] & ~accounted["consensus"]).sum() <= 0.05 * accounted["pixel_error"].sum()
