@@ -40,11 +40,12 @@ alignments of every class; they differ in what "stable" means:
   Gaussian spread of ``e`` px damps the signal at ``f_c`` by ``exp(-(pi e f_c)^2)``: ``fraction`` 0.3 keeps
   40 % of it, and equals ISAC2's 0.7 px at 0.43 cycles/px.
 - ``consensus`` (new): ISAC2's test on the largest agreeing subset of the runs. Every subset of at least
-  ``min_runs`` of the ``L`` runs is tested and, per class, the subset with the most stable members decides. At low
-  SNR a reference-free alignment from a random start often fails to converge, and ISAC2's test, which needs all
-  ``L`` runs to agree, then rejects even a perfect class (``docs/lowsnr.md``); here one or two lost runs are
-  tolerated while the remaining ``min_runs`` must still agree to ``thld_err``; a class never keeps fewer members
-  than under ISAC2's test (a few may be others). Its ``error`` is the pixel error over the kept runs.
+  ``min_runs`` of the ``L`` runs is screened per class with the initial corrections alone, and the best subset
+  and the full set get the whole test; the one with more stable members decides. At low SNR a reference-free
+  alignment from a random start often fails to converge, and ISAC2's test, which needs all ``L`` runs to agree,
+  then rejects even a perfect class (``docs/lowsnr.md``); here one or two lost runs are tolerated while the
+  remaining ``min_runs`` must still agree to ``thld_err``; a class never keeps fewer members than under ISAC2's
+  test (a few may be others). Its ``error`` is the pixel error over the kept runs.
 """
 
 from __future__ import annotations

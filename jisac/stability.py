@@ -209,10 +209,8 @@ def pixel_error_stability(
 
 
 def pixel_error_stability_classes(
-    runs: Transform2D, member: Array, threshold: float, radius: float, max_iter: int = 50,
-    included: Array | None = None,
+    runs: Transform2D, member: Array, threshold: float, radius: float, max_iter: int = 50
 ) -> StabilityResult:
-    """``pixel_error_stability`` for many classes at once: fields ``(c, L, n)``, ``member`` ``(c, n)``
-    (``included``, if given, ``(L,)``: the same runs for every class)."""
-    fn = jax.vmap(lambda r, m: pixel_error_stability(r, m, threshold, radius, max_iter, included))
+    """``pixel_error_stability`` for many classes at once: fields ``(c, L, n)``, ``member`` ``(c, n)``."""
+    fn = jax.vmap(lambda r, m: pixel_error_stability(r, m, threshold, radius, max_iter))
     return fn(runs, member)
