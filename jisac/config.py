@@ -178,11 +178,12 @@ class ConsensusConfig(StabilityConfig):
 
     name: str = "consensus"
     min_runs: int = 3  # fewest of the isac.stab_ali within-group runs that must agree (stab_ali: ISAC2's test)
+    per_member: bool = False  # also a member whose own min_runs of the class's agreeing runs agree (in their frame)
 
     def options(self, p: isac.IsacParams) -> dict:
         if not 2 <= self.min_runs <= p.stab_ali:
             raise ValueError(f"stability.min_runs={self.min_runs} must be between 2 and isac.stab_ali ({p.stab_ali})")
-        return dict(super().options(p), min_runs=self.min_runs)
+        return dict(super().options(p), min_runs=self.min_runs, per_member=self.per_member)
 
 
 _BEAUTIFY = beautify.BeautifyParams(radius_px=1.0)

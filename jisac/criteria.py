@@ -45,7 +45,10 @@ alignments of every class; they differ in what "stable" means:
   alignment from a random start often fails to converge, and ISAC2's test, which needs all ``L`` runs to agree,
   then rejects even a perfect class (``docs/lowsnr.md``); here one or two lost runs are tolerated while the
   remaining ``min_runs`` must still agree to ``thld_err``; a class never keeps fewer members than under ISAC2's
-  test (a few may be others). Its ``error`` is the pixel error over the kept runs.
+  test (a few may be others). Its ``error`` is the pixel error over the kept runs. With ``per_member`` the runs
+  the class's test left out are brought into its frame (fitted on its stable members) and a member is also stable
+  when some ``min_runs`` of the usable runs agree on it: at low SNR a member's own alignment is lost in one run or
+  another, not always the same one (``docs/lowsnr.md``).
 """
 
 from __future__ import annotations
@@ -63,8 +66,15 @@ from jisac import align, average, filters
 from jisac.assignment import assign_equal_size
 from jisac.filters import fourier_ring_correlation, frc_resolution
 from jisac.polar import RingGeometry
-from jisac.stability import StabilityResult, initial_agreement, pixel_error_stability, pixel_error_stability_classes
-from jisac.transforms import Transform2D
+from jisac.stability import (
+    StabilityResult,
+    corrected,
+    initial_agreement,
+    pixel_error_stability,
+    pixel_error_stability_classes,
+    squared_pixel_error,
+)
+from jisac.transforms import Transform2D, wrap_angle
 
 Array = jnp.ndarray
 
@@ -341,11 +351,105 @@ def run_subsets(n_runs: int, min_runs: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(orders, np.int32), np.array(masks, bool)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter",))
+def _circular_trimmed_mean(values: Array, weight: Array, tolerance: float) -> tuple[Array, Array]:
+    """Mean direction of the angles ``values`` (radians, ``(n,)``) over ``weight``, then again over the weighted
+    ones within ``tolerance`` of it: ``(mean, support)`` (the count of the second pass)."""
+    first = jnp.angle(jnp.sum(weight * jnp.exp(1j * values)))
+    near = weight * (jnp.abs(jnp.angle(jnp.exp(1j * (values - first)))) <= tolerance)
+    return jnp.angle(jnp.sum(near * jnp.exp(1j * values))), near
+
+
+def _trimmed_mean(values: Array, weight: Array, tolerance: float) -> tuple[Array, Array]:
+    """``_circular_trimmed_mean`` for a position (pixels)."""
+    first = jnp.sum(weight * values) / jnp.maximum(weight.sum(), 1.0)
+    near = weight * (jnp.abs(values - first) <= tolerance)
+    return jnp.sum(near * values) / jnp.maximum(near.sum(), 1.0), near
+
+
+def _fit_run(run: Transform2D, target: tuple[Array, Array, Array], weight: Array, threshold: float,
+             radius: float) -> tuple[Array, Array]:
+    """The correction ``(g rad, tx, ty)`` that brings one run's parameters ``run`` (fields ``(n,)``) onto the
+    ``target`` ``(theta rad, X, Y)`` of the weighted members (``stability.corrected`` solved for each member,
+    then trimmed means: members on which this run did not converge are left out), and how many members support
+    it (agree with it in all three)."""
+    theta, big_x, big_y = target
+    a = jnp.deg2rad(run.angle)
+    m = run.mirror
+    g, near = _circular_trimmed_mean(jnp.where(m, a - theta, theta - a), weight, 3 * threshold / radius)
+    c, s = jnp.cos(g), jnp.sin(g)
+    x, y = run.shift_x, run.shift_y
+    tx, near = _trimmed_mean(jnp.where(m, (x * c - y * s) - big_x, big_x - (x * c + y * s)), near, 3 * threshold)
+    ty, near = _trimmed_mean(jnp.where(m, big_y - (x * s + y * c), big_y - (-x * s + y * c)), near, 3 * threshold)
+    return jnp.stack([g, tx, ty]), near.sum()
+
+
+def _member_subsets(res: StabilityResult, runs: Transform2D, member: Array, kept_runs: Array, subsets: Array,
+                    threshold: float, radius: float) -> StabilityResult:
+    """``res`` (one class's test on the runs ``kept_runs`` ``(L,)``) with the members that agree on a subset of
+    their own added (``consensus_criterion``'s ``per_member``).
+
+    The runs the test left out are brought into its frame, each by the correction that best maps it onto the
+    averaged parameters of the test's stable members (``_fit_run``; a run on which fewer than 3 of them agree
+    is not used). Then a member is also stable when its mirror flags agree and its pixel error is below
+    ``threshold`` on some subset in ``subsets`` ``(S, L)`` (every subset of at least ``min_runs`` runs) of the
+    usable runs. Members stable in ``res`` keep their result; a newly stable member gets the error and averaged
+    parameters of its largest such subset (the smallest error among equals)."""
+    n_runs = runs.angle.shape[0]
+    ref = n_runs - 1 - jnp.argmax(kept_runs[::-1])  # the frame: the last kept run
+    anchors = res.stable & member
+    # which runs the frame mirrors against the reference, from the anchors (by majority)
+    differs = runs.mirror != runs.mirror[ref][None]  # (L, n)
+    weight = anchors.astype(jnp.int32)
+    flipped = 2 * jnp.sum(weight[None] * differs, 1) > jnp.sum(weight)  # (L,)
+    relabelled = runs.mirror ^ flipped[:, None]  # (L, n): equal across the runs where the member's mirror agrees
+    target = (jnp.deg2rad(res.params.angle), res.params.shift_x, res.params.shift_y)
+    kept_corr = jnp.where(kept_runs[None], res.corrections, 0.0)
+    kept_corr = kept_corr.at[0].set(jnp.deg2rad(kept_corr[0]))
+
+    def fit(j):  # (3,) and whether run j is usable
+        on_frame = anchors & (relabelled[j] == relabelled[ref])
+        run = Transform2D(*(f[j] for f in runs))
+        corr, support = _fit_run(run, target, on_frame.astype(jnp.float32), threshold, radius)
+        return jnp.where(kept_runs[j], kept_corr[:, j], corr), kept_runs[j] | (support >= 3)
+
+    corr, usable_run = jax.vmap(fit, out_axes=(1, 0))(jnp.arange(n_runs))
+    usable = jnp.all(subsets <= usable_run[None], 1) & (anchors.sum() >= 3)  # (S,)
+
+    def common_flag(t):  # (n,) the member's mirror flag on the runs of t (meaningful where they agree)
+        return jnp.any(relabelled & t[:, None], 0)
+
+    def one_subset(t):  # (n,) the error on subset t (inf where the member's mirror flags disagree on it)
+        same = jnp.all(jnp.where(t[:, None], relabelled == common_flag(t)[None], True), 0)
+        e2 = squared_pixel_error(runs, corr, radius, t)
+        return jnp.where(same & member, jnp.sqrt(e2), jnp.inf)
+
+    err = jax.vmap(one_subset)(subsets)  # (S, n)
+    err = jnp.where(usable[:, None], err, jnp.inf)
+    size = subsets.sum(1)[:, None]
+    passed = err < threshold
+    # the largest passing subset, then the smallest error
+    key = jnp.where(passed, -size * 1e6 + err, jnp.inf)
+    best = jnp.argmin(key, 0)  # (n,)
+    t = subsets[best].T  # (L, n) each member's runs
+    theta, big_x, big_y = corrected(runs, corr)
+    w = t.astype(jnp.float32)
+    total = jnp.maximum(w.sum(0), 1.0)
+    averaged = Transform2D(
+        angle=wrap_angle(jnp.rad2deg(jnp.angle(jnp.sum(w * jnp.exp(1j * theta), 0)))),
+        shift_x=jnp.sum(w * big_x, 0) / total, shift_y=jnp.sum(w * big_y, 0) / total,
+        mirror=jnp.any(relabelled & t, 0))
+    new = passed.any(0) & member & ~res.stable
+    params = jax.tree.map(lambda a, b: jnp.where(new, b, a), res.params, averaged)
+    error = jnp.where(new, jnp.take_along_axis(err, best[None], 0)[0], res.error)
+    return res._replace(stable=res.stable | new, error=error, params=params)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "per_member"))
 def _consensus(runs: Transform2D, member: Array, order: Array, included: Array, threshold: float, radius: float,
-               max_iter: int) -> StabilityResult:
+               max_iter: int, per_member: bool = False, subsets: Array | None = None) -> StabilityResult:
     """``consensus_score`` on device: runs ``(c, L, n)``, the subsets of ``run_subsets`` (``(S, L)``, the full set
-    first); fields ``(c, n)``."""
+    first; ``subsets``: the same as masks over the runs in their own order, for ``per_member``); fields
+    ``(c, n)``."""
 
     def reordered(r, s):
         return Transform2D(*(f[order[s]] for f in r))
@@ -362,24 +466,32 @@ def _consensus(runs: Transform2D, member: Array, order: Array, included: Array, 
         candidates = jnp.stack([0, jnp.argmax(screen(r, m))])  # the full set, the best screened subset
         res = jax.vmap(lambda s: test(r, m, s))(candidates)
         pick = jnp.argmax(res.stable.sum(-1))  # ties: the full set
-        return jax.tree.map(lambda a: a[pick], res)
+        res = jax.tree.map(lambda a: a[pick], res)
+        if per_member:
+            s = candidates[pick]
+            kept_runs = jnp.zeros(order.shape[1], bool).at[order[s]].set(included[s])
+            res = _member_subsets(res, r, m, kept_runs, subsets, threshold, radius)
+        return res
 
     return jax.vmap(one_class)(runs, member)
 
 
 def consensus_score(runs: Transform2D, member: Array, images=None, labels=None, *, threshold: float,
-                    radius: float, min_runs: int, max_iter: int) -> StabilityResult:
+                    radius: float, min_runs: int, max_iter: int, per_member: bool = False) -> StabilityResult:
     """``consensus_criterion``'s test (its arguments are documented there)."""
     n_runs = runs.angle.shape[1]
     if not 2 <= min_runs <= n_runs:
         raise ValueError(f"stability.min_runs={min_runs} must be between 2 and isac.stab_ali ({n_runs})")
     order, included = run_subsets(n_runs, min_runs)
+    subsets = np.zeros_like(included)
+    np.put_along_axis(subsets, order, included, 1)
     runs = Transform2D(*(jnp.asarray(f) for f in runs))
     return _consensus(runs, jnp.asarray(member), jnp.asarray(order), jnp.asarray(included), threshold, radius,
-                      max_iter)
+                      max_iter, per_member, jnp.asarray(subsets))
 
 
-def consensus_criterion(threshold: float, radius: float, min_runs: int = 3, max_iter: int = 50) -> Criterion:
+def consensus_criterion(threshold: float, radius: float, min_runs: int = 3, max_iter: int = 50,
+                        per_member: bool = False) -> Criterion:
     """ISAC2's pixel-error test on the largest agreeing subset of the runs (new in jisac).
 
     ISAC2 demands that *all* ``L`` within-group alignments of a class agree. At low SNR a reference-free
@@ -399,12 +511,18 @@ def consensus_criterion(threshold: float, radius: float, min_runs: int = 3, max_
         radius: particle radius (``isac.target_radius``), pixels.
         min_runs: fewest runs that must agree, ``2 <= min_runs <= isac.stab_ali`` (``stab_ali``: ISAC2).
         max_iter: L-BFGS iterations of the pixel-error test.
+        per_member: also count a member stable whose own ``min_runs`` runs agree, each member its own subset
+            (``_member_subsets``): the runs the class's test left out are first brought into its frame by a
+            correction fitted on its stable members (trimmed means; a run fewer than 3 of them agree with is not
+            used), and a newly stable member gets the error and averaged parameters of its largest agreeing
+            subset. Members stable without it are unchanged; a class with fewer than 3 stable members gets none.
     """
     if not (isinstance(min_runs, (int, np.integer)) and min_runs >= 2):
         raise ValueError(f"stability.min_runs must be an integer >= 2 (got {min_runs!r})")
     score = functools.partial(consensus_score, threshold=threshold, radius=radius, min_runs=int(min_runs),
-                              max_iter=max_iter)
-    return Criterion(_option_name("consensus", min_runs=int(min_runs)), score)
+                              max_iter=max_iter, per_member=bool(per_member))
+    options = {"min_runs": int(min_runs)} | ({"per_member": True} if per_member else {})
+    return Criterion(_option_name("consensus", **options), score)
 
 
 CRITERIA = {

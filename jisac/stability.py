@@ -61,7 +61,7 @@ class StabilityResult(NamedTuple):
     corrections: Array
 
 
-def _corrected(runs: Transform2D, corr: Array):
+def corrected(runs: Transform2D, corr: Array):
     """theta (rad), X, Y of every (run, member) after the corrections ``corr`` = (g rad, tx, ty), each ``(L,)``."""
     g, tx, ty = corr[0][:, None], corr[1][:, None], corr[2][:, None]
     a = jnp.deg2rad(runs.angle)
@@ -85,7 +85,7 @@ def _run_mean(a: Array, included: Array | None) -> Array:
 def squared_pixel_error(runs: Transform2D, corr: Array, radius: float, included: Array | None = None) -> Array:
     """``(n,)`` squared pixel errors for corrections ``corr`` (``(3, L)``: g in radians, tx, ty), over the
     ``included`` runs (``(L,)`` bool) when given, else over all."""
-    theta, big_x, big_y = _corrected(runs, corr)
+    theta, big_x, big_y = corrected(runs, corr)
     if included is None:
         resultant = jnp.abs(jnp.mean(jnp.exp(1j * theta), axis=0))
         e2 = radius**2 * (1.0 - resultant) + jnp.var(big_x, axis=0) + jnp.var(big_y, axis=0)
@@ -194,7 +194,7 @@ def pixel_error_stability(
     e2 = squared_pixel_error(runs, corr, radius, included)
     error = jnp.where(mirror_stable, jnp.sqrt(e2), jnp.inf)
     stable = kept & (error < threshold) & (kept.sum() > 1)
-    theta, big_x, big_y = _corrected(runs, corr)
+    theta, big_x, big_y = corrected(runs, corr)
     mean_dir = jnp.angle(_run_mean(jnp.exp(1j * theta), included))
     averaged = Transform2D(
         angle=wrap_angle(jnp.rad2deg(mean_dir)),

@@ -15,7 +15,7 @@ the runs) and the shares of all members under 1.5 and 3 px, then one JSON line.
 
 ``--n/--snr/--junk/--seed`` must be those of the run that made the working stack (the truth is simulated again
 from them, as ``run.py`` and ``match_quantiles.py`` do). ``--thld-err`` and ``--criterion pixel_error resolution
-consensus:3`` (``consensus:<min_runs>``) judge the same runs' alignments with other criteria.
+consensus:3`` (``consensus:<min_runs>``, ``consensus:3m`` with ``per_member``) judge the same runs' alignments with other criteria.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--thld-err", type=float, default=0.7)
     parser.add_argument("--stab-ali", type=int, default=5, help="within-group runs per class (isac.stab_ali)")
     parser.add_argument("--criterion", nargs="+", default=["pixel_error"],
-                        help="criteria to score the same runs with: pixel_error, resolution, consensus[:min_runs]")
+                        help="criteria to score the same runs with: pixel_error, resolution, consensus[:min_runs[m]] "
+                             "(m: per_member)")
     parser.add_argument("--key", type=int, default=0, help="seed of the within-group runs' random starts")
     parser.add_argument("--restarts", type=int, nargs="+", default=[1],
                         help="runs per stability run; the best by class-average energy are tested (1: ISAC2)")
@@ -118,7 +119,8 @@ def main() -> None:
     crits = []
     for spec in args.criterion:
         name, _, min_runs = spec.partition(":")
-        options = {"min_runs": int(min_runs or 3)} if name == "consensus" else {}
+        per_member = min_runs.endswith("m")  # consensus:3m: per-member subsets (stability.per_member=true)
+        options = {"min_runs": int(min_runs.rstrip("m") or 3), "per_member": per_member} if name == "consensus" else {}
         crits.append(criteria.make_criterion(name, p.thld_err, float(p.target_radius), **options))
     images = np.asarray(work[work_rows], np.float32)
     partitions = {"ideal (true views)": M.ideal_partition(dirs, k) - 1,

@@ -73,6 +73,7 @@ VARIANTS = {
     "resolution": ["stability=resolution"],
     "consensus": ["stability=consensus"],
     "consensus_members": ["stability=consensus", "isac.unstable_references=members"],
+    "consensus_per_member": ["stability=consensus", "stability.per_member=true"],
     "reproducibility": ["stability=reproducibility"],
     "members": ["stability=pixel_error", "isac.unstable_references=members"],
     "members_seeded": ["stability=pixel_error", "isac.unstable_references=members", "isac.next_references=unaccepted"],
