@@ -74,6 +74,8 @@ VARIANTS = {
     "consensus": ["stability=consensus"],
     "consensus_members": ["stability=consensus", "isac.unstable_references=members"],
     "consensus_per_member": ["stability=consensus", "stability.per_member=true"],
+    "consensus_per_member_members": ["stability=consensus", "stability.per_member=true",
+                                     "isac.unstable_references=members"],
     "reproducibility": ["stability=reproducibility"],
     "members": ["stability=pixel_error", "isac.unstable_references=members"],
     "members_seeded": ["stability=pixel_error", "isac.unstable_references=members", "isac.next_references=unaccepted"],
