@@ -353,7 +353,7 @@ def run_subsets(n_runs: int, min_runs: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _circular_trimmed_mean(values: Array, weight: Array, tolerance: float) -> tuple[Array, Array]:
     """Mean direction of the angles ``values`` (radians, ``(n,)``) over ``weight``, then again over the weighted
-    ones within ``tolerance`` of it: ``(mean, support)`` (the count of the second pass)."""
+    ones within ``tolerance`` of it: ``(mean, near)``, ``near`` the second pass's weights ``(n,)``."""
     first = jnp.angle(jnp.sum(weight * jnp.exp(1j * values)))
     near = weight * (jnp.abs(jnp.angle(jnp.exp(1j * (values - first)))) <= tolerance)
     return jnp.angle(jnp.sum(near * jnp.exp(1j * values))), near

@@ -158,8 +158,8 @@ def test_consensus_per_member_keeps_members_whose_own_lost_run_differs(data):
     agree everywhere); class 1 lost run 2 whole and 12 of its members one more run each: no subset of the runs
     agrees on more than about half the members, but each member agrees on at least three. Class 2 is random.
     ISAC2 keeps only the clean members of class 0, consensus at most those plus the members whose lost runs its
-    chosen subset leaves out, ``per_member`` every member of classes 0 and 1, with the parameters the lost runs would have given, and
-    nothing of class 2."""
+    chosen subset leaves out, ``per_member`` every member of classes 0 and 1, with the parameters the lost runs
+    would have given, and nothing of class 2."""
     lost = np.zeros((3, N_RUNS, N_SLOTS), bool)
     i = np.arange(CLASS_SIZE)
     lost[0, i[5:] % N_RUNS, i[5:]] = True

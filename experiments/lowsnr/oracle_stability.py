@@ -15,7 +15,8 @@ the runs) and the shares of all members under 1.5 and 3 px, then one JSON line.
 
 ``--n/--snr/--junk/--seed`` must be those of the run that made the working stack (the truth is simulated again
 from them, as ``run.py`` and ``match_quantiles.py`` do). ``--thld-err`` and ``--criterion pixel_error resolution
-consensus:3`` (``consensus:<min_runs>``, ``consensus:3m`` with ``per_member``) judge the same runs' alignments with other criteria.
+consensus:3`` (``consensus:<min_runs>``, ``consensus:3m`` with ``per_member``) judge the same runs' alignments
+with other criteria.
 """
 
 from __future__ import annotations
