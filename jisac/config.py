@@ -178,7 +178,7 @@ class ConsensusConfig(StabilityConfig):
 
     name: str = "consensus"
     min_runs: int = 3  # fewest of the isac.stab_ali within-group runs that must agree (stab_ali: ISAC2's test)
-    per_member: bool = False  # also stable: a member on whose own min_runs runs agree (runs fitted into one frame)
+    per_member: bool = False  # also stable: a member whose own min_runs of the runs agree on it (one common frame)
 
     def options(self, p: isac.IsacParams) -> dict:
         if not 2 <= self.min_runs <= p.stab_ali:

@@ -69,6 +69,8 @@ from jisac.polar import RingGeometry
 from jisac.stability import (
     StabilityResult,
     corrected,
+    implied_rotation,
+    implied_translation,
     initial_agreement,
     pixel_error_stability,
     pixel_error_stability_classes,
@@ -369,17 +371,14 @@ def _trimmed_mean(values: Array, weight: Array, tolerance: float) -> tuple[Array
 def _fit_run(run: Transform2D, target: tuple[Array, Array, Array], weight: Array, threshold: float,
              radius: float) -> tuple[Array, Array]:
     """The correction ``(g rad, tx, ty)`` that brings one run's parameters ``run`` (fields ``(n,)``) onto the
-    ``target`` ``(theta rad, X, Y)`` of the weighted members (``stability.corrected`` solved for each member,
-    then trimmed means: members on which this run did not converge are left out), and how many members support
-    it (agree with it in all three)."""
+    ``target`` ``(theta rad, X, Y)`` of the weighted members (each member's own correction from
+    ``stability.implied_rotation`` and ``implied_translation``, then trimmed means: members on which this run did
+    not converge are left out), and how many members support it (agree with it in all three)."""
     theta, big_x, big_y = target
-    a = jnp.deg2rad(run.angle)
-    m = run.mirror
-    g, near = _circular_trimmed_mean(jnp.where(m, a - theta, theta - a), weight, 3 * threshold / radius)
-    c, s = jnp.cos(g), jnp.sin(g)
-    x, y = run.shift_x, run.shift_y
-    tx, near = _trimmed_mean(jnp.where(m, (x * c - y * s) - big_x, big_x - (x * c + y * s)), near, 3 * threshold)
-    ty, near = _trimmed_mean(jnp.where(m, big_y - (x * s + y * c), big_y - (-x * s + y * c)), near, 3 * threshold)
+    g, near = _circular_trimmed_mean(implied_rotation(run, theta), weight, 3 * threshold / radius)
+    tx_i, ty_i = implied_translation(run, g, big_x, big_y)
+    tx, near = _trimmed_mean(tx_i, near, 3 * threshold)
+    ty, near = _trimmed_mean(ty_i, near, 3 * threshold)
     return jnp.stack([g, tx, ty]), near.sum()
 
 

@@ -102,19 +102,29 @@ def _relabellings(n_runs: int) -> np.ndarray:
     return np.concatenate([flips, np.zeros((len(flips), 1), bool)], 1)
 
 
+def implied_rotation(runs: Transform2D, theta: Array) -> Array:
+    """Each member's own correction angle ``g`` (radians) that ``corrected`` turns its angle into ``theta``
+    (radians, broadcast against the fields): ``corrected``'s angle equation solved for ``g``."""
+    a = jnp.deg2rad(runs.angle)
+    return jnp.where(runs.mirror, a - theta, theta - a)
+
+
+def implied_translation(runs: Transform2D, g: Array, big_x: Array, big_y: Array) -> tuple[Array, Array]:
+    """Each member's own ``(tx, ty)`` that, with the rotation ``g`` (radians, broadcast against the fields),
+    ``corrected`` turns its shift into ``(big_x, big_y)``: its shift equations solved for ``(tx, ty)``."""
+    c, s = jnp.cos(g), jnp.sin(g)
+    x, y, m = runs.shift_x, runs.shift_y, runs.mirror
+    # m = 0: (X, Y) = t + R(g) s  ->  t = u - R(g) s;   m = 1: X = -tx + (R(-g) s)_x, Y = ty + (R(-g) s)_y
+    tx = jnp.where(m, x * c - y * s - big_x, big_x - (x * c + y * s))
+    ty = jnp.where(m, big_y - (x * s + y * c), big_y - (-x * s + y * c))
+    return tx, ty
+
+
 def _initial_corrections(runs: Transform2D, weight: Array) -> Array:
     """Corrections from means over the weighted members (SPHIRE ``align_diff_params``): ``(3, L)``."""
-    a = jnp.deg2rad(runs.angle)
-    m = runs.mirror
-    ref_a = a[-1]
-    diff = jnp.where(m, a - ref_a, ref_a - a)  # (L, n): g that maps run j's angle onto run L-1's
+    diff = implied_rotation(runs, jnp.deg2rad(runs.angle)[-1])  # (L, n): g that maps run j's angle onto run L-1's
     g = jnp.angle(jnp.sum(weight * jnp.exp(1j * diff), axis=1))
-    c, s = jnp.cos(g)[:, None], jnp.sin(g)[:, None]
-    x, y = runs.shift_x, runs.shift_y
-    ux, uy = x[-1], y[-1]
-    # m = 0: (X, Y) = t + R(g) s  ->  t = u - R(g) s;   m = 1: X = -tx + (R(-g) s)_x, Y = ty + (R(-g) s)_y
-    tx_i = jnp.where(m, x * c - y * s - ux, ux - (x * c + y * s))
-    ty_i = jnp.where(m, uy - (x * s + y * c), uy - (-x * s + y * c))
+    tx_i, ty_i = implied_translation(runs, g[:, None], runs.shift_x[-1], runs.shift_y[-1])
     total = jnp.maximum(weight.sum(), 1.0)
     tx = jnp.sum(weight * tx_i, axis=1) / total
     ty = jnp.sum(weight * ty_i, axis=1) / total
