@@ -177,13 +177,16 @@ class ConsensusConfig(StabilityConfig):
     """``stability=consensus``: ISAC2's pixel-error test on the largest agreeing subset of the stab_ali runs."""
 
     name: str = "consensus"
-    min_runs: int = 3  # fewest of the isac.stab_ali within-group runs that must agree (stab_ali: ISAC2's test)
+    # fewest of the isac.stab_ali within-group runs that must agree (stab_ali: ISAC2's test); unset: 3, or stab_ali
+    # when fewer runs are made (so that isac.stab_ali=2 works with the default preset)
+    min_runs: Optional[int] = None
     per_member: bool = False  # also stable: a member whose own min_runs of the runs agree on it (one common frame)
 
     def options(self, p: isac.IsacParams) -> dict:
-        if not 2 <= self.min_runs <= p.stab_ali:
-            raise ValueError(f"stability.min_runs={self.min_runs} must be between 2 and isac.stab_ali ({p.stab_ali})")
-        return dict(super().options(p), min_runs=self.min_runs, per_member=self.per_member)
+        min_runs = min(3, p.stab_ali) if self.min_runs is None else self.min_runs
+        if not 2 <= min_runs <= p.stab_ali:
+            raise ValueError(f"stability.min_runs={min_runs} must be between 2 and isac.stab_ali ({p.stab_ali})")
+        return dict(super().options(p), min_runs=min_runs, per_member=self.per_member)
 
 
 _BEAUTIFY = beautify.BeautifyParams(radius_px=1.0)

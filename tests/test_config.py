@@ -135,3 +135,34 @@ def test_schema_defaults_are_the_parameter_objects_defaults():
 def test_a_bad_value_is_refused_naming_its_key(key, value, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         config.run_params(_with(_base(), key, value), N, BOX, platform="cpu")
+
+
+def test_presets_isac2_by_default_and_lowsnr_change_only_what_they_name():
+    """``python -m jisac`` runs ISAC2 (``preset=isac2``: the schema's defaults, which are ``isac.IsacParams()``'s,
+    and the pixel-error criterion); ``preset=lowsnr`` changes the criterion to ``consensus`` and
+    ``isac.unstable_references`` to ``members`` and nothing else; a command-line override applies over either."""
+    from omegaconf import OmegaConf
+
+    from jisac import isac
+    from tests.helpers import compose_config
+
+    def comparable(r):  # the criterion is a partial: compare its function and keywords
+        return r._replace(criterion=(r.criterion.name, r.criterion.score.func, r.criterion.score.keywords))
+
+    def params(overrides):
+        return comparable(config.run_params(OmegaConf.to_object(compose_config(["isac.radius=50"] + overrides)), N,
+                                            BOX, platform="cpu"))
+
+    default, isac2, lowsnr = params([]), params(["preset=isac2"]), params(["preset=lowsnr"])
+    assert default == isac2 == comparable(config.run_params(_base(), N, BOX, platform="cpu"))  # the schema's
+    assert (isac2.criterion[0], isac2.isac.unstable_references) == ("pixel_error", "top_up")
+    assert isac2.isac._replace(minimum_grp_size=60) == isac.IsacParams()
+    assert (lowsnr.criterion[0], lowsnr.isac.unstable_references) == ("consensus[min_runs=3]", "members")
+    assert lowsnr.isac == isac2.isac._replace(unstable_references="members")
+    assert lowsnr._replace(isac=isac2.isac, criterion=isac2.criterion) == isac2  # nothing else differs
+    assert params(["stability=consensus", "isac.unstable_references=members"]) == lowsnr
+    assert params(["preset=lowsnr", "stability=pixel_error", "isac.unstable_references=top_up"]) == isac2
+    # consensus asks 3 agreeing runs, or all of them when fewer are made (isac.stab_ali=2)
+    assert params(["preset=lowsnr", "isac.stab_ali=2"]).criterion[0] == "consensus[min_runs=2]"
+    with pytest.raises(ValueError, match=r"stability.min_runs=3 must be between 2 and isac.stab_ali \(2\)"):
+        params(["preset=lowsnr", "isac.stab_ali=2", "stability.min_runs=3"])

@@ -338,6 +338,7 @@ def test_config_group_selects_each_criterion_with_typed_options():
     typed = OmegaConf.to_object(cfg)
     assert config.run_params(typed).criterion.name.startswith("resolution[fraction=0.4,")
     assert config.run_params(OmegaConf.to_object(_compose([]))).criterion.name == "pixel_error"
+    assert config.run_params(OmegaConf.to_object(_compose(["preset=lowsnr"]))).criterion.name == "consensus[min_runs=3]"
     typed = OmegaConf.to_object(_compose(["stability=consensus", "stability.min_runs=4"]))
     assert config.run_params(typed).criterion.name == "consensus[min_runs=4]"
     typed = OmegaConf.to_object(_compose(["stability=consensus", "stability.per_member=true"]))

@@ -66,19 +66,22 @@ from jisac.io import star  # noqa: E402
 MAP = Path("/work/shared/maps/clean70SRibosome_vol_65p.mrc")
 MAP_APIX = 4.5  # A/px assumed for the 65^3 map (its header says 0), as in experiments/beautify
 HERE = Path(__file__).resolve().parent
-# A variant is a named set of overrides on top of BASE; `isac2` is ISAC2 as it is.
+# A variant is a named set of overrides on top of BASE: `isac2` is ISAC2 as it is (preset=isac2, the default),
+# `lowsnr` the preset for yield (preset=lowsnr: consensus + members); the others are ISAC2 with what they name.
 BASE = ["isac.img_per_grp=100", "isac.ctf=true", "beautify.enabled=false"]
+_ISAC2 = ["preset=isac2"]
 VARIANTS = {
-    "isac2": ["stability=pixel_error"],
-    "resolution": ["stability=resolution"],
-    "consensus": ["stability=consensus"],
-    "consensus_members": ["stability=consensus", "isac.unstable_references=members"],
-    "consensus_per_member": ["stability=consensus", "stability.per_member=true"],
-    "consensus_per_member_members": ["stability=consensus", "stability.per_member=true",
-                                     "isac.unstable_references=members"],
-    "reproducibility": ["stability=reproducibility"],
-    "members": ["stability=pixel_error", "isac.unstable_references=members"],
-    "members_seeded": ["stability=pixel_error", "isac.unstable_references=members", "isac.next_references=unaccepted"],
+    "lowsnr": ["preset=lowsnr"],
+    "isac2": _ISAC2,
+    "resolution": _ISAC2 + ["stability=resolution"],
+    "consensus": _ISAC2 + ["stability=consensus"],
+    "consensus_members": _ISAC2 + ["stability=consensus", "isac.unstable_references=members"],
+    "consensus_per_member": _ISAC2 + ["stability=consensus", "stability.per_member=true"],
+    "consensus_per_member_members": _ISAC2 + ["stability=consensus", "stability.per_member=true",
+                                              "isac.unstable_references=members"],
+    "reproducibility": _ISAC2 + ["stability=reproducibility"],
+    "members": _ISAC2 + ["isac.unstable_references=members"],
+    "members_seeded": _ISAC2 + ["isac.unstable_references=members", "isac.next_references=unaccepted"],
 }
 
 
