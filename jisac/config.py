@@ -178,7 +178,7 @@ class ConsensusConfig(StabilityConfig):
 
     name: str = "consensus"
     # fewest of the isac.stab_ali within-group runs that must agree (stab_ali: ISAC2's test); unset: 3, or stab_ali
-    # when fewer runs are made (so that isac.stab_ali=2 works with the default preset)
+    # when fewer runs are made (so that preset=lowsnr isac.stab_ali=2 runs)
     min_runs: Optional[int] = None
     per_member: bool = False  # also stable: a member whose own min_runs of the runs agree on it (one common frame)
 

@@ -88,9 +88,11 @@ def run_fingerprint(p: isac.IsacParams, seed: int, data_id: str, criterion=None)
     return checkpoint.fingerprint(p, seed, f"{data_id}|{criterion.name if criterion is not None else 'pixel_error'}")
 
 
-def finish(state: isac.IsacState, p: isac.IsacParams, seconds: dict) -> outputs.ClassificationResult:
+def finish(state: isac.IsacState, p: isac.IsacParams, seconds: dict,
+           criterion_name: str = "pixel_error") -> outputs.ClassificationResult:
     """The final result of a run state: the accepted averages ordered (``order_averages``), every particle's
-    class number in that order, its parameters (``(0, 0, 0, -1)`` if unaccounted) and pixel error."""
+    class number in that order, its parameters (``(0, 0, 0, -1)`` if unaccounted) and pixel error. The result's
+    parameters are ISAC's and, under ``stability``, the name of the criterion that made the classes."""
     n = len(state.class_of)
     averages = np.asarray(state.averages, np.float32) if state.averages else np.zeros((0, p.target_nx, p.target_nx),
                                                                                    np.float32)
@@ -105,7 +107,8 @@ def finish(state: isac.IsacState, p: isac.IsacParams, seconds: dict) -> outputs.
     errors = np.where(accounted, state.errors, np.nan).astype(np.float32)
     candidates = np.asarray(state.candidates, np.int64)[order] if len(order) else np.zeros(0, np.int64)
     return outputs.ClassificationResult(averages[order], class_number, params, errors, candidates,
-                                        tuple(state.history), p.as_dict(), dict(seconds))
+                                        tuple(state.history), dict(p.as_dict(), stability=criterion_name),
+                                        dict(seconds))
 
 
 def classify(
@@ -157,7 +160,8 @@ def classify(
     with progress.StepBars(mode=None if sharding.is_main_process() else "off") as bars:
         state = isac.run_isac(images, p, seed, state, mesh, on_generation, progress=bars, criterion=criterion,
                               budget=budget)
-    result = finish(state, p, {"isac": round(time.perf_counter() - t0, 2)})
+    result = finish(state, p, {"isac": round(time.perf_counter() - t0, 2)},
+                    criterion.name if criterion is not None else "pixel_error")
     accounted = int(result.accounted.sum())
     log.info("%d classes, %d/%d particles accounted (%.0f %%)", len(result.averages), accounted,
              len(result.class_number), 100 * accounted / max(len(result.class_number), 1))

@@ -401,6 +401,11 @@ def test_each_criterion_runs_end_to_end(name, pipeline_runs, small_stack):
     purity = [np.bincount(truth[classes == c]).max() / (classes == c).sum() for c in np.unique(classes[accounted])]
     assert np.mean(purity) > 0.9
     assert np.isfinite(errors[accounted]).all() and (errors[accounted] < 3.0).all()  # the pixel-error column
+    # summary.json (and so report.html and a sweep) says which criterion made the classes
+    expected = {"pixel_error": "pixel_error", "reproducibility": "reproducibility[min_fraction=1,within_class=True]",
+                "resolution": "resolution[fraction=0.3,max_error=3,frc_threshold=0.5]",
+                "consensus": "consensus[min_runs=2]", "consensus_per_member": "consensus[min_runs=2,per_member=True]"}
+    assert summary["parameters"]["stability"] == expected[name]
 
 
 def test_criteria_nest_on_the_same_round(pipeline_runs):

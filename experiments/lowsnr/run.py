@@ -118,6 +118,9 @@ def evaluate(sim: synthetic.MapParticles, run_dir: Path, mft: synthetic.MapFT, r
     out = {"accounted": float(acc[true].mean()), "accounted_all": float(acc.mean()),
            "classes": int(summary["classes"]),
            "junk_rejected": float((~acc[sim.is_junk]).mean()) if sim.is_junk.any() else None}
+    for kind, name in ((synthetic.JUNK_ICE, "ice"), (synthetic.JUNK_AGGREGATE, "aggregates")):
+        of_kind = sim.junk_kind == kind  # which junk gets in: empty ice (no signal) or aggregates (strong signal)
+        out[f"junk_rejected_{name}"] = float((~acc[of_kind]).mean()) if of_kind.any() else None
     lab_true = np.where(true, classes, 0)
     k = len(np.unique(lab_true[lab_true > 0]))
     out["spread"] = M.mean_spread(dirs, lab_true)
