@@ -83,13 +83,17 @@ def _centred_spectra(images, geometry):
     return polar.polar_spectra(images, jnp.zeros((images.shape[0], 1, 2), jnp.float32), geometry)[:, 0]
 
 
+def criterion_name(criterion=None) -> str:
+    """The name of a run's stability criterion (``None``: ISAC2's pixel error, the default of ``run_isac``)."""
+    return criterion.name if criterion is not None else "pixel_error"
+
+
 def run_fingerprint(p: isac.IsacParams, seed: int, data_id: str, criterion=None) -> str:
     """The identity of a run (``checkpoint.fingerprint`` of its parameters, seed, input and criterion)."""
-    return checkpoint.fingerprint(p, seed, f"{data_id}|{criterion.name if criterion is not None else 'pixel_error'}")
+    return checkpoint.fingerprint(p, seed, f"{data_id}|{criterion_name(criterion)}")
 
 
-def finish(state: isac.IsacState, p: isac.IsacParams, seconds: dict,
-           criterion_name: str = "pixel_error") -> outputs.ClassificationResult:
+def finish(state: isac.IsacState, p: isac.IsacParams, seconds: dict, criterion=None) -> outputs.ClassificationResult:
     """The final result of a run state: the accepted averages ordered (``order_averages``), every particle's
     class number in that order, its parameters (``(0, 0, 0, -1)`` if unaccounted) and pixel error. The result's
     parameters are ISAC's and, under ``stability``, the name of the criterion that made the classes."""
@@ -107,7 +111,7 @@ def finish(state: isac.IsacState, p: isac.IsacParams, seconds: dict,
     errors = np.where(accounted, state.errors, np.nan).astype(np.float32)
     candidates = np.asarray(state.candidates, np.int64)[order] if len(order) else np.zeros(0, np.int64)
     return outputs.ClassificationResult(averages[order], class_number, params, errors, candidates,
-                                        tuple(state.history), dict(p.as_dict(), stability=criterion_name),
+                                        tuple(state.history), dict(p.as_dict(), stability=criterion_name(criterion)),
                                         dict(seconds))
 
 
@@ -160,8 +164,7 @@ def classify(
     with progress.StepBars(mode=None if sharding.is_main_process() else "off") as bars:
         state = isac.run_isac(images, p, seed, state, mesh, on_generation, progress=bars, criterion=criterion,
                               budget=budget)
-    result = finish(state, p, {"isac": round(time.perf_counter() - t0, 2)},
-                    criterion.name if criterion is not None else "pixel_error")
+    result = finish(state, p, {"isac": round(time.perf_counter() - t0, 2)}, criterion)
     accounted = int(result.accounted.sum())
     log.info("%d classes, %d/%d particles accounted (%.0f %%)", len(result.averages), accounted,
              len(result.class_number), 100 * accounted / max(len(result.class_number), 1))
