@@ -143,8 +143,12 @@ def _ctf(params: CTFParams, kx: Array, ky: Array) -> Array:
     u, v, angle, kv, cs, amp, phase = params[:7]
     lam = electron_wavelength_angst(kv)
     k2 = kx * kx + ky * ky
-    theta = jnp.arctan2(ky, kx)
-    defocus = 0.5 * ((u + v) + (u - v) * jnp.cos(2.0 * (theta - jnp.deg2rad(angle))))
+    # cos(2 (theta - angle)) with theta = atan2(ky, kx), from cos 2theta and sin 2theta as ratios of the
+    # frequencies: no arctangent and cosine per Fourier pixel (they were 3/4 of a stack's phase flips' CTF time)
+    safe = jnp.where(k2 > 0, k2, 1.0)
+    cos2, sin2 = jnp.where(k2 > 0, (kx * kx - ky * ky) / safe, 1.0), 2.0 * kx * ky / safe
+    a = 2.0 * jnp.deg2rad(angle)
+    defocus = 0.5 * ((u + v) + (u - v) * (cos2 * jnp.cos(a) + sin2 * jnp.sin(a)))
     chi = jnp.pi * lam * defocus * k2 - 0.5 * jnp.pi * (cs * _ANGST_PER_MM) * lam**3 * k2 * k2
     # asin(A) = RELION's atan(A / sqrt(1 - A^2)), the amplitude-contrast phase.
     return jnp.sin(chi + jnp.deg2rad(phase) + jnp.arcsin(amp))
@@ -211,10 +215,13 @@ def phase_flip(images: Array, params: CTFParams, pad: int = 2) -> Array:
     ny, nx = images.shape[-2:]
     py, px = pad * ny, pad * nx
     y0, x0 = py // 2 - ny // 2, px // 2 - nx // 2  # keeps the centre (n // 2) on the padded centre
-    widths = [(0, 0)] * (images.ndim - 2) + [(y0, py - ny - y0), (x0, px - nx - x0)]
-    padded = jnp.pad(images, widths)
-    flipped = jnp.fft.irfft2(jnp.fft.rfft2(padded) * ctf_sign(ctf_2d(params, py, px)), s=(py, px))
-    return flipped[..., y0 : y0 + ny, x0 : x0 + nx].astype(jnp.float32)
+    lead = [(0, 0)] * (images.ndim - 2)
+    # rfft2 and irfft2 of the padded box one axis at a time: only the ny rows that hold the image are transformed
+    # along x on the way in, and only the ny rows the crop keeps on the way out (the same values; 1/4 fewer FFTs)
+    rows = jnp.fft.rfft(jnp.pad(images, lead + [(0, 0), (x0, px - nx - x0)]), axis=-1)
+    spectra = jnp.fft.fft(jnp.pad(rows, lead + [(y0, py - ny - y0), (0, 0)]), axis=-2)
+    flipped = jnp.fft.ifft(spectra * ctf_sign(ctf_2d(params, py, px)), axis=-2)[..., y0 : y0 + ny, :]
+    return jnp.fft.irfft(flipped, n=px, axis=-1)[..., x0 : x0 + nx].astype(jnp.float32)
 
 
 def apply_ctf(images: Array, params: CTFParams) -> Array:

@@ -46,19 +46,22 @@ def _ctf_params(stack, use_ctf: bool):
     return ctf.CTFParams.from_relion_table(stack.metadata, pixel_size_angst=stack.pixel_size)
 
 
-def _working_stack(stack, prep: preprocess.PreprocessParams, ctf_params, shifts, pixel_size, disk=None):
+def _working_stack(stack, prep: preprocess.PreprocessParams, ctf_params, shifts, pixel_size, disk=None, mesh=None):
     """The prepared stack as an array: in memory, or (``disk``: a path) written there by process 0 and read by
-    every process with plain reads of the rows it needs (``jisac.diskarray``, ``working_stack_on_disk``)."""
+    every process with plain reads of the rows it needs (``jisac.diskarray``, ``working_stack_on_disk``). Each
+    batch is split over this process's devices of ``mesh``."""
     batches = lambda: stack.iter_batches(256)  # noqa: E731  (VPP reads the stack twice)
+    local = None if mesh is None else [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     if disk is None:
         return preprocess.prepare_working_stack(
-            batches, len(stack), prep, ctf_params_for_indices=ctf_params, shifts=shifts, pixel_size_angst=pixel_size
+            batches, len(stack), prep, ctf_params_for_indices=ctf_params, shifts=shifts, pixel_size_angst=pixel_size,
+            devices=local,
         ).images
     if sharding.is_main_process():
         disk.parent.mkdir(parents=True, exist_ok=True)
         preprocess.prepare_working_stack(
             batches, len(stack), prep, ctf_params_for_indices=ctf_params, shifts=shifts, pixel_size_angst=pixel_size,
-            out_path=disk,
+            out_path=disk, devices=local,
         )
     sharding.barrier(f"working stack {disk.name}")
     return DiskArray.from_mrc(disk)
@@ -245,7 +248,7 @@ def _preprocess(stack, rp: config.RunParams, ctf_params, keep: np.ndarray, pixel
         t = time.perf_counter()
         shrunk_box = prep.shrunk_size(box)
         copies = _working_stack(stack, prep._replace(target_nx=shrunk_box), ctf_params, None, pixel_size,
-                                disk and disk.with_name("prealign_stack.mrcs"))
+                                disk and disk.with_name("prealign_stack.mrcs"), mesh)
         shifts_shrunk = np.zeros((n, 2), np.float32)
         with progress.StepBars() as stages:  # one bar per search stage
             shifts_shrunk[keep] = prealign.prealign(
@@ -258,7 +261,7 @@ def _preprocess(stack, rp: config.RunParams, ctf_params, keep: np.ndarray, pixel
         report.record("prealignment")
 
     t = time.perf_counter()
-    images = _kept(_working_stack(stack, prep, ctf_params, shifts, pixel_size, disk), keep)
+    images = _kept(_working_stack(stack, prep, ctf_params, shifts, pixel_size, disk, mesh), keep)
     timings["working_stack"] = round(time.perf_counter() - t, 2)
     log.info("working stack: %d x %d px (%.1f s)", len(images), p.target_nx, timings["working_stack"])
     report.record("working_stack")

@@ -3,6 +3,7 @@ MRCS output."""
 
 import os
 
+import jax
 import jax.numpy as jnp
 import mrcfile
 import numpy as np
@@ -206,6 +207,23 @@ def test_batching_and_padding_give_the_unbatched_result():
     np.testing.assert_allclose(ws2.images, whole, atol=1e-4)
 
 
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (CPU runs force 2; one GPU is 1)")
+def test_batches_split_over_devices_give_the_same_stack_bit_for_bit(tmp_path):
+    """Each batch's rows split over the devices (batch_size rounded up to a multiple of their count): the images
+    are those of one device exactly, in memory and on disk."""
+    imgs, p, shifts = _stack_and_ctf()
+    params = P.PreprocessParams(radius=20, target_radius=12, target_nx=32, ctf=True)
+    batches = [(np.arange(0, 4), imgs[:4]), (np.arange(4, 7), imgs[4:])]
+    one = P.prepare_working_stack(batches, 7, params, ctf_params_for_indices=p, shifts=shifts, batch_size=3)
+    two = P.prepare_working_stack(batches, 7, params, ctf_params_for_indices=p, shifts=shifts, batch_size=3,
+                                  devices=jax.devices()[:2])
+    np.testing.assert_array_equal(two.images, one.images)
+    disk = P.prepare_working_stack(batches, 7, params, ctf_params_for_indices=p, shifts=shifts, batch_size=3,
+                                   devices=jax.devices()[:2], out_path=tmp_path / "w.mrcs")
+    with mrcfile.open(disk.path) as mrc:
+        np.testing.assert_array_equal(mrc.data, one.images)
+
+
 def test_mrcs_output_matches_memory_and_failures_leave_no_file(tmp_path):
     imgs, p, shifts = _stack_and_ctf()
     params = P.PreprocessParams(radius=20, target_radius=12, target_nx=32, ctf=True)
@@ -251,3 +269,30 @@ def test_driver_validates_and_requires_ctf_parameters():
         P.prepare_working_stack([(np.arange(2), imgs)], 2, P.PreprocessParams(radius=10, ctf=True))
     with pytest.raises(ValueError, match="shifts"):
         P.prepare_working_stack([(np.arange(2), imgs)], 2, P.PreprocessParams(radius=10), shifts=np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("n, n_out", [(64, 40), (64, 37), (63, 38), (63, 41), (128, 76), (128, 77)])
+def test_shift_and_shrink_is_the_shift_then_the_resize(n, n_out):
+    """The fused shift + Fourier crop against the two steps in float64 NumPy: a phase ramp on the rfft2 grid,
+    then the centred crop of the full spectrum and the real part of its inverse, times (n'/n)^2."""
+    rng = np.random.default_rng(n * n_out)
+    imgs = rng.standard_normal((3, n, n))
+    sx, sy = rng.uniform(-3, 3, 3), rng.uniform(-3, 3, 3)
+    ky, kx = np.fft.fftfreq(n)[:, None], np.fft.rfftfreq(n)[None, :]
+    ramp = np.exp(-2j * np.pi * (kx * sx[:, None, None] + ky * sy[:, None, None]))
+    if n % 2 == 0:  # fourier_shift keeps the Nyquist column real
+        ramp[..., -1] = np.cos(2 * np.pi * (kx[0, -1] * sx[:, None] + ky[None, :, 0] * sy[:, None]))
+    shifted = np.fft.irfft2(np.fft.rfft2(imgs) * ramp, s=(n, n))
+    ft = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(shifted, axes=(-2, -1))), axes=(-2, -1))
+    lo = n // 2 - n_out // 2
+    ft = ft[:, lo : lo + n_out, lo : lo + n_out]
+    want = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(ft, axes=(-2, -1))).real, axes=(-2, -1)) * (n_out / n) ** 2
+    got = np.asarray(P.shift_and_shrink(jnp.asarray(imgs, jnp.float32), jnp.asarray(sx), jnp.asarray(sy), n_out))
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    two_steps = P.fourier_resize(filters.fourier_shift(jnp.asarray(imgs, jnp.float32), sx, sy), n_out)
+    np.testing.assert_allclose(got, np.asarray(two_steps), atol=2e-5 * np.abs(want).max())
+    unshifted = P.shift_and_shrink(jnp.asarray(imgs, jnp.float32), None, None, n_out)
+    np.testing.assert_allclose(np.asarray(unshifted), np.asarray(P.fourier_resize(jnp.asarray(imgs, jnp.float32),
+                                                                                  n_out)), atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="n_out"):
+        P.shift_and_shrink(jnp.asarray(imgs, jnp.float32), None, None, n)
